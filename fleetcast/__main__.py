@@ -1,0 +1,3 @@
+from fleetcast.cli import main
+
+raise SystemExit(main())
