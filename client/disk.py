@@ -303,10 +303,8 @@ def _loop_backing(p: str, st: os.stat_result) -> str:
             continue
         named = named.removesuffix(" (deleted)")
         try:
-            same = (
-                os.path.realpath(named) == real
-                or (os.stat(named).st_ino == st.st_ino
-                and (os.stat(named).st_dev == st.st_dev))
+            same = os.path.realpath(named) == real or (
+                os.stat(named).st_ino == st.st_ino and (os.stat(named).st_dev == st.st_dev)
             )
         except OSError:
             same = False

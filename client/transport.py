@@ -1,0 +1,214 @@
+"""The receiver's asyncio shell: multicast socket in, ReceiverSession in the middle, timer.
+
+Modelled on aioquic's ``asyncio/protocol.py``: a datagram comes in, is fed to the sans-I/O
+session with the loop's clock, then the session's events are drained, its datagrams sent
+and its one timer re-armed. Reading is done in batches with ``recv_into`` into one
+preallocated buffer, and can be paused while the write pipeline is full (the kernel's
+32 MiB receive buffer holds what arrives meanwhile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)
+RCVBUF = 32 << 20
+MAX_DATAGRAM = 65535
+#: Datagrams read per readiness callback before the session's output is processed.
+READ_BATCH = 128
+
+
+class TransportError(Exception):
+    """The multicast socket could not be set up; the message says what to check."""
+
+
+@dataclass
+class TransportStats:
+    """Socket-level counters for the summary line."""
+
+    datagrams_in: int = 0
+    bytes_in: int = 0
+    datagrams_out: int = 0
+    send_errors: int = 0
+    rcvbuf: int = 0
+
+
+def open_multicast_socket(group: str, port: int, iface: str, rcvbuf: int = RCVBUF) -> socket.socket:
+    """A non-blocking UDP socket bound to ``group:port`` and joined to it on ``iface``.
+
+    Raises TransportError when the group is not multicast, the interface does not exist
+    or the join fails.
+    """
+    try:
+        packed = socket.inet_aton(group)
+    except OSError:
+        raise TransportError(f"{group!r} is not an IPv4 address") from None
+    if not 224 <= packed[0] <= 239:
+        raise TransportError(f"{group} is not a multicast group (224.0.0.0/4)")
+    try:
+        ifindex = socket.if_nametoindex(iface)
+    except OSError:
+        raise TransportError(
+            f"network interface {iface!r} does not exist (see 'ip link')"
+        ) from None
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Only the groups joined on this socket, never another session's on the same port.
+        sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+        _set_rcvbuf(sock, rcvbuf)
+        sock.bind((group, port))
+        mreqn = struct.pack("4s4si", packed, bytes(4), ifindex)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot join {group}:{port} on {iface}: {exc.strerror}") from None
+    return sock
+
+
+def _set_rcvbuf(sock: socket.socket, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except OSError:  # not root: the kernel caps SO_RCVBUF at net.core.rmem_max
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+class SessionTransport:
+    """Drives a sans-I/O session (ReceiverSession) from one datagram socket.
+
+    ``session`` must offer receive_datagram / datagrams_to_send / get_timer /
+    handle_timer / next_event; ``default_addr`` is where a Transmit with no address goes.
+    ``on_event`` is called on the loop for each event the session emits.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        sock: socket.socket,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        default_addr: tuple[str, int],
+        on_event: Callable[[object], None],
+        copy_datagrams: bool = True,
+    ) -> None:
+        self.session = session
+        self.sock = sock
+        self.stats = TransportStats(rcvbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+        self._loop = loop
+        self._default_addr = default_addr
+        self._on_event = on_event
+        self._copy = copy_datagrams
+        self._buf = bytearray(MAX_DATAGRAM)
+        self._view = memoryview(self._buf)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._reading = False
+        self._closed = False
+
+    def start(self) -> None:
+        """Start reading and arm the session's first timer."""
+        self.resume_reading()
+        self.process()
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket (datagrams wait in the kernel buffer)."""
+        if self._reading:
+            self._loop.remove_reader(self.sock.fileno())
+            self._reading = False
+
+    def resume_reading(self) -> None:
+        """Read the socket again."""
+        if not self._reading and not self._closed:
+            self._loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._reading = True
+
+    def process(self) -> None:
+        """Drain the session: events to ``on_event``, datagrams out, timer re-armed.
+
+        Call it after anything that can change the session (block_verified, ...).
+        """
+        if self._closed:
+            return
+        now = self._loop.time()
+        session = self.session
+        event = session.next_event()
+        while event is not None:
+            self._on_event(event)
+            if self._closed:
+                return
+            event = session.next_event()
+        for transmit in session.datagrams_to_send(now):
+            self._transmit(transmit)
+        self._arm_timer(session.get_timer())
+
+    def close(self) -> None:
+        """Stop reading, cancel the timer and close the socket."""
+        self.pause_reading()
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.sock.close()
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock, view, session, stats = self.sock, self._view, self.session, self.stats
+        now = self._loop.time()
+        for _ in range(READ_BATCH):
+            try:
+                n, addr = sock.recvfrom_into(self._buf)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:  # e.g. ECONNREFUSED from an ICMP error: keep going
+                log.debug("recv error: %s", exc)
+                continue
+            stats.datagrams_in += 1
+            stats.bytes_in += n
+            session.receive_datagram(bytes(view[:n]) if self._copy else view[:n], addr, now)
+            if not self._reading:
+                break
+        self.process()
+
+    def _transmit(self, transmit: Any) -> None:
+        addr = transmit.addr or self._default_addr
+        data = transmit.data
+        seg = transmit.segment_size or len(data)
+        for start in range(0, len(data), seg):
+            try:
+                self.sock.sendto(data[start : start + seg], addr)
+                self.stats.datagrams_out += 1
+            except OSError as exc:
+                # Control datagrams are repeated by the protocol until acknowledged, so a
+                # full buffer or an unreachable sender costs a retry, not the session.
+                self.stats.send_errors += 1
+                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.ECONNREFUSED):
+                    log.warning("sending to %s failed: %s", addr, exc)
+
+    def _arm_timer(self, when: float | None) -> None:
+        if when == self._timer_at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_at = when
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.session.handle_timer(self._loop.time())
+        self.process()

@@ -1,0 +1,16 @@
+"""The server side's commands: ``fleetcast image`` (image_main) and ``fleetcast send`` (send_main).
+
+``image_main`` is added by the image store's work; ``send_main`` lives with the multicast
+shell in server/multicast/command.py and is imported only when used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def send_main(argv: Sequence[str]) -> int:
+    """``fleetcast send IMAGE --group G --port P --iface IF --key-file F ...`` (see --help)."""
+    from server.multicast.command import send_main as run
+
+    return run(argv)

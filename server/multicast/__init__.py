@@ -1,0 +1,1 @@
+"""The sender's asyncio shell around protocol.sender.SenderSession (docs/PROTOCOL.md)."""
