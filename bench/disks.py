@@ -132,10 +132,24 @@ def _make_ext4(fs_file: Path, size: int, rng: random.Random) -> None:
     with open(fs_file, "wb") as f:
         f.truncate(size)
     subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", "fleetcast-root", "-U", fs_uuid,
-         "-E", f"hash_seed={fs_uuid},lazy_itable_init=0,nodiscard", str(fs_file)],
-        check=True, env=_env(), stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-L",
+            "fleetcast-root",
+            "-U",
+            fs_uuid,
+            "-E",
+            f"hash_seed={fs_uuid},lazy_itable_init=0,nodiscard",
+            str(fs_file),
+        ],
+        check=True,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def _used_bytes(fs_file: Path) -> int:
@@ -174,9 +188,12 @@ def _fill_ext4(fs_file: Path, chosen: list[tuple[str, int]], rng: random.Random)
         deleted += n
     subprocess.run(
         ["debugfs", "-w", "-f", "-", str(fs_file)],
-        input="".join(cmds).encode(), check=True, env=_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        input="".join(cmds).encode(),
+        check=True,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _write_gpt(path: Path, size: int, part_size: int, rng: random.Random) -> None:
@@ -191,8 +208,10 @@ def _write_gpt(path: Path, size: int, part_size: int, rng: random.Random) -> Non
     )
     subprocess.run(
         ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", str(path)],
-        input=script.encode(), check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+        input=script.encode(),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def _sparse_copy(src: Path, dst: Path, offset: int) -> None:

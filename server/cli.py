@@ -9,6 +9,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
+def image_main(argv: Sequence[str]) -> int:
+    """``fleetcast image capture|import|list|info|verify|export|delete|gc ...`` (see --help)."""
+    from server.images.cli import main as run
+
+    return run(argv)
+
+
 def send_main(argv: Sequence[str]) -> int:
     """``fleetcast send IMAGE --group G --port P --iface IF --key-file F ...`` (see --help)."""
     from server.multicast.command import send_main as run

@@ -1,0 +1,413 @@
+"""The content-addressed image store (docs/FORMAT.md §5).
+
+Layout under the store's root (``Settings().image_root``)::
+
+    blocks/ab/ab12...ef   one payload per unique block, named by the raw content's SHA-256
+    manifests/NAME.json   canonical manifest bytes; "/" in a name is stored as "%2F"
+    tmp/                  temp files "<pid>-<random>.tmp" and capture markers "<pid>-<random>.run"
+    lock                  flock: writers (capture/import) share it, delete/gc take it alone
+
+Every file is written to ``tmp/``, fsynced and renamed into place, and a manifest is added
+last, only after every block it names is durable; so a killed capture leaves at most
+unreferenced blocks and temp files, never an image that lists. Those leftovers belong to
+a dead process (by the pid in their name) and the next writer or ``gc`` removes them.
+
+``read_block`` is a plain open/read: the sender calls it on its event loop thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+from protocol.manifest import BlockKind, Manifest, ManifestError
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_LENGTH = 128
+_NAME_RE = re.compile(r"[A-Za-z0-9._/-]+")
+#: How long a writer waits for a running delete/gc to finish before giving up.
+LOCK_WAIT_SECONDS = 60.0
+
+
+class StoreError(Exception):
+    """Something the user asked of the store cannot be done; the message says why."""
+
+
+class ImageNotFound(StoreError, LookupError):
+    """No image of that name."""
+
+
+class ImageExists(StoreError):
+    """An image of that name is already in the store."""
+
+
+class InvalidImageName(StoreError, ValueError):
+    """The name breaks the naming rules."""
+
+
+class StoreBusy(StoreError):
+    """Another process holds the store's lock."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    name: str
+    manifest: Manifest
+    digest: bytes  #: SHA-256 of the canonical manifest bytes
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    blocks_removed: int
+    bytes_removed: int
+    temp_files_removed: int
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid image name, else raise InvalidImageName.
+
+    Letters, digits, ``._-`` and ``/`` (for ``<machine>/<date>``), at most 128 characters,
+    no leading or trailing ``/``, no empty, ``.`` or ``..`` path segment.
+    """
+    problem = ""
+    if not name:
+        problem = "it is empty"
+    elif len(name) > MAX_NAME_LENGTH:
+        problem = f"it is {len(name)} characters long (at most {MAX_NAME_LENGTH})"
+    elif not _NAME_RE.fullmatch(name):
+        problem = "only letters, digits, '.', '_', '-' and '/' are allowed"
+    elif any(seg in ("", ".", "..") for seg in name.split("/")):
+        problem = "it has an empty, '.' or '..' path segment or a leading/trailing '/'"
+    if problem:
+        raise InvalidImageName(f"invalid image name {name!r}: {problem}")
+    return name
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ImageStore:
+    """Images (manifests) and their deduplicated blocks under one directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blocks_dir = self.root / "blocks"
+        self.manifests_dir = self.root / "manifests"
+        self.tmp_dir = self.root / "tmp"
+        self._dirty_dirs: set[Path] = set()
+        self._dirty_lock = threading.Lock()
+
+    # -- reading (no lock: files only ever appear complete) ---------------------------
+
+    def manifest_path(self, name: str) -> Path:
+        return self.manifests_dir / (quote(check_name(name), safe="") + ".json")
+
+    def block_path(self, digest: bytes) -> Path:
+        h = digest.hex()
+        return self.blocks_dir / h[:2] / h
+
+    def read_block(self, digest: bytes) -> bytes:
+        """The stored payload of a block (zstd frame, or raw iff its length is the block's)."""
+        with open(self.block_path(digest), "rb") as f:
+            return f.read()
+
+    def has_block(self, digest: bytes) -> bool:
+        return self.block_path(digest).exists()
+
+    def exists(self, name: str) -> bool:
+        return self.manifest_path(name).exists()
+
+    def load_manifest(self, name: str) -> tuple[bytes, Manifest]:
+        """Canonical manifest bytes and the parsed manifest; raises ImageNotFound."""
+        path = self.manifest_path(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ImageNotFound(
+                f"no image named {name!r} in {self.root} (see 'fleetcast image list')"
+            ) from None
+        try:
+            return data, Manifest.from_bytes(data)
+        except ManifestError as exc:
+            raise StoreError(f"manifest of image {name!r} ({path}) is damaged: {exc}") from exc
+
+    def image_names(self) -> list[str]:
+        if not self.manifests_dir.is_dir():
+            return []
+        names = [unquote(p.name[:-5]) for p in self.manifests_dir.glob("*.json")]
+        return sorted(names)
+
+    def list_images(self) -> list[ImageInfo]:
+        """Every image in the store, by name; a damaged manifest is logged and left out."""
+        out = []
+        for name in self.image_names():
+            try:
+                _, manifest = self.load_manifest(name)
+            except StoreError as exc:
+                log.warning("%s", exc)
+                continue
+            out.append(ImageInfo(name, manifest, manifest.digest()))
+        return out
+
+    # -- writing blocks ---------------------------------------------------------------
+
+    def _tmp_name(self, suffix: str) -> Path:
+        return self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}{suffix}"
+
+    def put_block(self, digest: bytes, payload: bytes) -> bool:
+        """Store a payload under its digest unless already there; True if newly written.
+
+        Safe to call from several threads. The block is durable once the directories are
+        synced (``add_image`` does that before writing a manifest).
+        """
+        path = self.block_path(digest)
+        if path.exists():
+            return False
+        tmp = self._tmp_name(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            path.parent.mkdir(exist_ok=True)
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        with self._dirty_lock:
+            self._dirty_dirs.add(path.parent)
+        return True
+
+    def _sync_dirty_dirs(self) -> None:
+        with self._dirty_lock:
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
+        for d in sorted(dirs):
+            _fsync_dir(d)
+        if dirs:
+            _fsync_dir(self.blocks_dir)
+
+    # -- images -----------------------------------------------------------------------
+
+    def add_image(self, name: str, manifest: Manifest) -> bytes:
+        """Add ``manifest`` as image ``name`` once all its blocks are durable; return its digest.
+
+        Raises ImageExists if the name is taken (the check and the link are one atomic step)
+        and StoreError if a data block is missing or has the wrong size.
+        """
+        check_name(name)
+        for i in range(manifest.block_count):
+            if manifest.kinds[i] != BlockKind.DATA:
+                continue
+            try:
+                size = self.block_path(manifest.digest_of(i)).stat().st_size
+            except FileNotFoundError:
+                raise StoreError(f"image {name!r}: block {i} is not in the store") from None
+            if size != manifest.stored_sizes[i]:
+                raise StoreError(
+                    f"image {name!r}: stored block {i} has {size} bytes, "
+                    f"manifest says {manifest.stored_sizes[i]}"
+                )
+        self._sync_dirty_dirs()
+        data = manifest.to_bytes()
+        self.manifests_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self._tmp_name(".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, self.manifest_path(name))  # fails if the name exists
+            except FileExistsError:
+                raise ImageExists(f"an image named {name!r} already exists") from None
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        _fsync_dir(self.manifests_dir)
+        return manifest.digest()
+
+    def delete_image(self, name: str) -> SweepResult:
+        """Remove image ``name`` and every block no other image references."""
+        path = self.manifest_path(name)
+        with self._exclusive():
+            if not path.exists():
+                raise ImageNotFound(f"no image named {name!r} in {self.root}")
+            path.unlink()
+            _fsync_dir(self.manifests_dir)
+            return self._sweep()
+
+    def gc(self) -> SweepResult:
+        """Remove blocks no image references and every temp file (mark and sweep)."""
+        with self._exclusive():
+            return self._sweep()
+
+    def discard_blocks(self, digests: set[bytes]) -> bool:
+        """Remove these blocks if no image references them and the store is not in use.
+
+        Used to roll back a failed capture. Returns False (leaving them for ``gc``) if
+        another process is using the store.
+        """
+        if not digests:
+            return True
+        try:
+            with self._exclusive():
+                referenced = self._referenced()
+                for d in digests - referenced:
+                    with contextlib.suppress(FileNotFoundError):
+                        self.block_path(d).unlink()
+                return True
+        except StoreBusy:
+            return False
+
+    def _referenced(self) -> set[bytes]:
+        refs: set[bytes] = set()
+        for name in self.image_names():
+            _, m = self.load_manifest(name)
+            refs |= m.unique_digests()
+        return refs
+
+    def _sweep(self) -> SweepResult:
+        """Mark every referenced block, remove the rest; caller holds the exclusive lock."""
+        referenced = {d.hex() for d in self._referenced()}
+        blocks = nbytes = temps = 0
+        if self.blocks_dir.is_dir():
+            for shard in self.blocks_dir.iterdir():
+                for f in shard.iterdir():
+                    if f.name not in referenced:
+                        nbytes += f.stat().st_size
+                        f.unlink()
+                        blocks += 1
+        if self.tmp_dir.is_dir():
+            temps = self._remove_dead_temps()[0]
+        return SweepResult(blocks, nbytes, temps)
+
+    # -- locking ----------------------------------------------------------------------
+
+    def _open_lock(self) -> int:
+        for d in (self.root, self.blocks_dir, self.manifests_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        return os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        fd = self._open_lock()
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StoreBusy(
+                    f"the image store {self.root} is in use by a running capture or import; "
+                    "try again when it has finished"
+                ) from None
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the store open for adding blocks and images (shared with other writers).
+
+        First removes what dead writers left behind: temp files always, and their orphan
+        blocks when no other process is using the store.
+        """
+        fd = self._open_lock()
+        marker = self._tmp_name(".run")
+        try:
+            self._cleanup_dead(fd)
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreBusy(
+                            f"the image store {self.root} is locked by a delete "
+                            "or gc that did not finish; try again"
+                        ) from None
+                    time.sleep(0.1)
+            marker.touch()
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                marker.unlink()
+            os.close(fd)
+
+    def _cleanup_dead(self, fd: int) -> None:
+        """Remove temp files of dead processes; sweep orphans if a dead writer left a marker."""
+        if not self._remove_dead_temps()[1]:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (self.tmp_dir / f"{_DEAD_PID}-orphans.run").touch()  # leave the hint for later
+            return
+        try:
+            result = self._sweep_orphans()
+            log.info("removed %d orphan blocks left by an interrupted capture", result)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _remove_dead_temps(self) -> tuple[int, bool]:
+        """Remove temp files of dead processes (an import's temp file lives unlocked).
+
+        Returns how many, and whether one was a dead writer's marker (orphans may exist).
+        """
+        removed, dead_marker = 0, False
+        for f in self.tmp_dir.iterdir():
+            pid = f.name.split("-", 1)[0]
+            if pid.isdigit() and (pid == str(_DEAD_PID) or not _pid_alive(int(pid))):
+                dead_marker |= f.name.endswith(".run")
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+                    removed += 1
+        return removed, dead_marker
+
+    def _sweep_orphans(self) -> int:
+        """Sweep blocks only (other temp files may belong to live writers that hold no lock)."""
+        referenced = {d.hex() for d in self._referenced()}
+        removed = 0
+        for shard in self.blocks_dir.iterdir():
+            for f in shard.iterdir():
+                if f.name not in referenced:
+                    with contextlib.suppress(FileNotFoundError):
+                        f.unlink()
+                    removed += 1
+        return removed
+
+
+#: A pid that is never alive, for markers that outlive the process that noticed them.
+_DEAD_PID = 0
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for the OSError of a full disk or an exceeded quota."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
