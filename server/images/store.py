@@ -191,12 +191,14 @@ class ImageStore:
         if path.exists():
             return False
         tmp = self._tmp_name(".tmp")
+        if not self.tmp_dir.is_dir():
+            self.tmp_dir.mkdir(parents=True, exist_ok=True)
         try:
             with open(tmp, "wb") as f:
                 f.write(payload)
                 f.flush()
                 os.fsync(f.fileno())
-            path.parent.mkdir(exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             os.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

@@ -39,8 +39,12 @@ def sfdisk(path: Path, size: int, script: str) -> None:
         pytest.skip("sfdisk not installed")
     with open(path, "wb") as f:
         f.truncate(size)
-    subprocess.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(path)],
-                   input=script.encode(), check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        ["sfdisk", "-q", "--no-reread", "--no-tell-kernel", str(path)],
+        input=script.encode(),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
 
 
 def mkfs(args: list[str]) -> None:
@@ -52,8 +56,9 @@ def mkfs(args: list[str]) -> None:
 @needs
 def test_gpt_partitions_with_names_and_types(tmp_path: Path) -> None:
     disk = tmp_path / "gpt.img"
-    sfdisk(disk, 64 * MIB, "label: gpt\nsize=8MiB, type=U, name=esp\nsize=20MiB, name=root\n"
-                           "type=S\n")  # fmt: skip
+    sfdisk(
+        disk, 64 * MIB, "label: gpt\nsize=8MiB, type=U, name=esp\nsize=20MiB, name=root\ntype=S\n"
+    )
     t = table_of(disk)
     assert t.kind == "gpt"
     assert [(p.number, p.start, p.size) for p in t.partitions][:2] == [
@@ -79,9 +84,13 @@ def test_gpt_with_a_corrupted_header_is_not_trusted(tmp_path: Path) -> None:
 @needs
 def test_mbr_with_extended_and_logical_partitions(tmp_path: Path) -> None:
     disk = tmp_path / "mbr.img"
-    sfdisk(disk, 64 * MIB, "label: dos\nstart=1MiB, size=10MiB, type=83\n"
-                           "start=11MiB, size=40MiB, type=5\nstart=12MiB, size=10MiB, type=83\n"
-                           "start=23MiB, size=12MiB, type=7\n")  # fmt: skip
+    sfdisk(
+        disk,
+        64 * MIB,
+        "label: dos\nstart=1MiB, size=10MiB, type=83\n"
+        "start=11MiB, size=40MiB, type=5\nstart=12MiB, size=10MiB, type=83\n"
+        "start=23MiB, size=12MiB, type=7\n",
+    )
     t = table_of(disk)
     assert t.kind == "mbr"
     nums = [(p.number, p.type, p.size) for p in t.partitions]
