@@ -39,6 +39,7 @@ from server.images.usedmap import (
     UsedRanges,
     partition_device,
     partition_used,
+    with_edges,
 )
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def _analyse(src: Source, manifest: Manifest, used_only: bool, warn: Warn) -> Us
             try:
                 with partition_device(src.path, start, size) as dev:
                     ranges, method = partition_used(info.fs, dev, start)
-                used.replace(start, start + size, ranges)
+                used.replace(start, start + size, with_edges(ranges, start, size))
                 used_bytes = sum(min(e, start + size) - s for s, e in ranges)
             except UsedMapUnavailable as exc:
                 warn(f"partition {number} ({info.fs}): keeping every block: {exc}")

@@ -191,12 +191,12 @@ def _write(store: ImageStore, m: Manifest, fd: int, fresh_from: int, bar: Progre
             if raw is not None:
                 _pwrite_all(fd, raw, offset)
                 written += length
-            elif kind == BlockKind.ZERO and offset + length > fresh_from:
+            elif kind == BlockKind.ZERO and offset < fresh_from:
                 write_zeros(offset, length)
                 written += length
             elif kind == BlockKind.UNUSED:
                 skipped += 1
-                if offset + length > fresh_from:
+                if offset < fresh_from:
                     image_hash = None  # the target keeps whatever it held there
             if image_hash is not None:
                 image_hash.update(zeros[:length] if raw is None else raw)

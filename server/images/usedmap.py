@@ -37,6 +37,9 @@ PARTCLONE_TOOLS = {
     "btrfs": "partclone.btrfs",
 }
 SWAP_HEADER_BYTES = 4096
+#: Always kept at both ends of a mapped partition: boot sectors and superblocks outside the
+#: filesystem's cluster map (NTFS keeps its backup boot sector in the partition's last sector).
+EDGE_BYTES = 64 << 10
 PARTCLONE_TIMEOUT = 600.0
 
 
@@ -144,6 +147,12 @@ def partition_used(fs: str, device: Path, start: int) -> tuple[list[tuple[int, i
     if not used:
         raise UsedMapUnavailable(f"{tool} reported no used blocks")
     return used, "partclone"
+
+
+def with_edges(used: list[tuple[int, int]], start: int, size: int) -> list[tuple[int, int]]:
+    """``used`` plus the first and last EDGE_BYTES of the partition, sorted."""
+    edge = min(EDGE_BYTES, size)
+    return sorted([*used, (start, start + edge), (start + size - edge, start + size)])
 
 
 @contextlib.contextmanager
