@@ -93,18 +93,21 @@ def capture_image(
         with open_source(source) as src:
             manifest = _new_manifest(src, opts)
             used = _analyse(src, manifest, opts.used_only is not False, warn)
+            pipe = _Pipeline(store, src, manifest, used, opts)
+            failure: BaseException | None = None
             with store.writing():
-                pipe = _Pipeline(store, src, manifest, used, opts)
                 try:
                     manifest.image_sha256 = pipe.run()
                     digest = store.add_image(name, manifest)
                 except BaseException as exc:
-                    if not store.discard_blocks(pipe.new_digests):
-                        warn("store busy: blocks of the failed capture are left for 'image gc'")
-                    err = _as_capture_error(exc, store)
-                    if err is exc:
-                        raise
-                    raise err from None
+                    failure = exc
+            if failure is not None:  # roll back once our own shared lock is released
+                if not store.discard_blocks(pipe.new_digests):
+                    warn("store busy: blocks of the failed capture are left for 'image gc'")
+                err = _as_capture_error(failure, store)
+                if err is failure:
+                    raise failure
+                raise err from None
     except SourceError as exc:
         raise CaptureError(str(exc)) from None
     except ManifestError as exc:
