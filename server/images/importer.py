@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from server.images.capture import CaptureError, CaptureOptions, CaptureResult, capture_image
+from server.images.source import foreign_format
 from server.images.store import ImageExists, ImageStore, check_name
 
 INFO_TIMEOUT = 60.0
@@ -61,6 +62,14 @@ def import_image(
         raise ImageExists(f"an image named {name!r} already exists; pick another name")
     info = image_format(path)
     fmt = str(info.get("format", "?"))
+    header = foreign_format(path) if fmt == "raw" else ""
+    if header == "vhd":
+        fmt = "vpc"  # qemu-img probes a fixed-size VHD as raw; its footer says otherwise
+    elif header:
+        raise CaptureError(
+            f"{path}: not a disk image qemu-img can read: it has a {header} "
+            "header but does not open as one (damaged or truncated?)"
+        )
     opts.source_info = {
         "path": str(path),
         "kind": f"{fmt} file",

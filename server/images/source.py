@@ -84,6 +84,13 @@ def _check(path: Path, fd: int) -> Source:
     return Source(path, fd, size, is_block)
 
 
+def foreign_format(path: Path) -> str:
+    """The non-raw format ``path`` is in ("qcow2", "vhd", ...), or "" for none known."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return _foreign_format(f.fileno(), size) if size >= 512 else ""
+
+
 def _foreign_format(fd: int, size: int) -> str:
     head = os.pread(fd, 512, 0)
     tail = os.pread(fd, 8, size - 512)
