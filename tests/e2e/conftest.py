@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import random
+import secrets
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from fleethelp import MIB, ROOT, BuiltImage, Fleet, build_image
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # bench/ is not an installed package; tests may import it
-    sys.path.insert(0, str(ROOT))
-
-from bench.lab import Lab, lab_unavailable_reason  # noqa: E402
+from bench.disks import make_realistic_disk
+from bench.lab import Lab, lab_unavailable_reason
+from server.images.store import ImageStore
 
 _reason: list[str | None] = []
 
@@ -42,3 +46,71 @@ def make_lab() -> Iterator[Callable[..., Lab]]:
     finally:
         for built in labs:
             built.close()
+
+
+@pytest.fixture(scope="session")
+def realistic_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    """A 64 MiB realistic disk (GPT + half-full ext4) captured with ``fleetcast image capture``.
+
+    Built once per test worker. Its unused blocks are not sent: a fresh target file reads
+    them as zeros, so a good copy hashes to the manifest's image_sha256.
+    """
+    root = tmp_path_factory.mktemp("realistic")
+    disk = root / "disk.img"
+    make_realistic_disk(disk, 64 * MIB, seed=3)
+    data = root / "data"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleetcast",
+            "image",
+            "capture",
+            "--name",
+            "lab-image",
+            "--level",
+            "1",
+            str(disk),
+        ],
+        env={**os.environ, "FLEETCAST_DATA": str(data), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    _, manifest = ImageStore(data / "images").load_manifest("lab-image")
+    return BuiltImage(data, "lab-image", disk, manifest, manifest.image_sha256)
+
+
+@pytest.fixture(scope="session")
+def small_image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    """A 9 MiB disk: compressible, random and zero blocks, and a short last block."""
+    root = tmp_path_factory.mktemp("small")
+    disk = root / "disk.img"
+    rng = random.Random(7)
+    with open(disk, "wb") as f:
+        f.write(b"fleetcast " * (3 * MIB // 10) + b"fl")
+        f.write(rng.randbytes(2 * MIB))
+        f.write(bytes(3 * MIB))
+        f.write(rng.randbytes(MIB + 12345))
+    return build_image(root / "data", "small-image", disk)
+
+
+@pytest.fixture
+def make_fleet(make_lab: Callable[..., Lab], tmp_path: Path) -> Callable[..., Fleet]:
+    """``make_fleet(image, receivers)`` -> a Fleet on a new lab with a fresh key."""
+
+    def factory(image: BuiltImage, receivers: int, **lab_kw: Any) -> Fleet:
+        lab = make_lab(receivers, **lab_kw)
+        key = tmp_path / "session.key"
+        if not key.exists():
+            key.write_text(secrets.token_bytes(32).hex() + "\n")
+        logs = tmp_path / "logs"
+        logs.mkdir(exist_ok=True)
+        group = (
+            f"239.{secrets.randbelow(256)}.{secrets.randbelow(256)}.{1 + secrets.randbelow(250)}"
+        )
+        return Fleet(lab, image, key, logs, group, 20000 + secrets.randbelow(20000))
+
+    return factory

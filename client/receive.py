@@ -1,0 +1,328 @@
+"""One standalone receive: socket + ReceiverSession + write pipeline + target, to an outcome.
+
+``run_receive(args)`` is what ``fleetcast receive`` runs; ``Receiver`` is the reusable part
+(the boot agent drives the same object). The flow (docs/PROTOCOL.md §3): join the group,
+learn the manifest from the session, open and check the target (refused targets are
+reported to the sender as failed), zero the image's ZERO blocks, decode/verify/write every
+DATA block the session hands over, fsync, tell the session the blocks are durable, and end
+on Completed, Evicted, SessionAborted, a local failure, or the timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from client.disk import DiskError, Target, TargetError
+from client.pipeline import BlockPipeline
+from client.progress import ProgressBar
+from client.transport import SessionTransport, TransportError, open_multicast_socket
+from protocol import events as ev
+from protocol.config import EngineConfig
+from protocol.keys import KeyFormatError, parse_key
+from protocol.manifest import BlockKind, Manifest
+from protocol.receiver import ReceiverSession
+
+log = logging.getLogger(__name__)
+
+#: Outcome names, mapped to exit codes by client.cli.
+OK, FAILED, EVICTED, ABORTED, REFUSED, USAGE = (
+    "verified",
+    "failed",
+    "evicted",
+    "aborted",
+    "refused",
+    "usage",
+)
+#: After the outcome is known, keep answering the sender this long at most (DONE/LEAVE acks).
+LINGER = 3.0
+
+
+@dataclass
+class Outcome:
+    """How a receive ended, with the reason and the counters for the summary."""
+
+    result: str = ""
+    reason: str = ""
+    manifest: Manifest | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Receiver:
+    """Receives one session onto one target. Create, then ``await run(timeout)``."""
+
+    def __init__(
+        self,
+        *,
+        key: bytes,
+        group: str,
+        port: int,
+        iface: str,
+        target: str,
+        assume_blank: bool = False,
+        config: EngineConfig | None = None,
+        progress: ProgressBar | None = None,
+    ) -> None:
+        self.key = key
+        self.group, self.port, self.iface = group, port, iface
+        self.target_path = target
+        self.assume_blank = assume_blank
+        self.config = config or EngineConfig()
+        self.progress = progress
+        self.outcome = Outcome()
+        self.target: Target | None = None
+        self.pipeline: BlockPipeline | None = None
+        self._transport: SessionTransport | None = None
+        self._done: asyncio.Event | None = None
+        self._durable_task: asyncio.Task[None] | None = None
+        self._verified_blocks = 0
+        self._verified_bytes = 0
+        self._data_blocks = 0
+        self._data_bytes = 0
+
+    async def run(self, timeout: float | None = None) -> Outcome:
+        """Receive until an outcome; raises TransportError if the group cannot be joined."""
+        loop = asyncio.get_running_loop()
+        self._done = asyncio.Event()
+        sock = open_multicast_socket(self.group, self.port, self.iface)
+        session = ReceiverSession(
+            key=self.key, config=self.config, now=loop.time(), rng=random.Random()
+        )
+        self.session = session
+        self._transport = SessionTransport(
+            session,
+            sock,
+            loop=loop,
+            default_addr=(self.group, self.port),
+            on_event=self._on_event,
+        )
+        self._transport.start()
+        try:
+            try:
+                await asyncio.wait_for(self._done.wait(), timeout)
+            except TimeoutError:
+                self._finish(ABORTED, f"no result after --timeout {timeout:g} s")
+                session.fail(loop.time(), self.outcome.reason)
+                self._transport.process()
+            await self._linger()
+        finally:
+            self._transport.close()
+            if self.pipeline is not None:
+                self.pipeline.close()
+            elif self.target is not None:
+                self.target.close()
+        self.outcome.stats = self.counters()
+        return self.outcome
+
+    def counters(self) -> dict[str, Any]:
+        """Every counter: the session's, the socket's and the writer's."""
+        out: dict[str, Any] = {}
+        stats = getattr(self.session, "stats", None)
+        if isinstance(stats, dict):
+            out["session"] = dict(stats)
+        elif dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+            out["session"] = dataclasses.asdict(stats)
+        elif stats is not None:
+            out["session"] = dict(vars(stats))
+        if self._transport is not None:
+            out["socket"] = dataclasses.asdict(self._transport.stats)
+        if self.target is not None:
+            out["target"] = dataclasses.asdict(self.target.stats)
+        if self.pipeline is not None:
+            out["blocks_written"] = self.pipeline.blocks_written
+            out["blocks_refused"] = self.pipeline.blocks_refused
+        out["verified_blocks"] = self._verified_blocks
+        out["verified_bytes"] = self._verified_bytes
+        return out
+
+    # -- events -------------------------------------------------------------------------
+
+    def _on_event(self, event: object) -> None:
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, event)
+
+    def _manifest_received(self, event: ev.ManifestReceived) -> None:
+        if self.target is not None:
+            return
+        manifest = event.manifest
+        self.outcome.manifest = manifest
+        now = self._now()
+        try:
+            self.target = Target.open(
+                self.target_path, manifest.image_size, assume_blank=self.assume_blank
+            )
+        except TargetError as exc:
+            self._finish(REFUSED, str(exc))
+            self.session.fail(now, f"target refused: {exc}")
+            return
+        loop = asyncio.get_running_loop()
+        self.pipeline = BlockPipeline(
+            self.target,
+            manifest,
+            loop=loop,
+            on_result=self._block_result,
+            on_disk_error=self._disk_error,
+            on_space=self._resume,
+        )
+        self.pipeline.start_zeroing()
+        self._data_blocks = manifest.count(BlockKind.DATA)
+        self._data_bytes = manifest.data_bytes()
+        if self.progress is not None:
+            self.progress.start(self._data_bytes)
+
+    def _block_received(self, event: ev.BlockReceived) -> None:
+        if self.pipeline is None:
+            return
+        self.pipeline.submit(event.index, event.payload)
+        if self.pipeline.full and self._transport is not None:
+            self._transport.pause_reading()
+
+    def _all_verified(self, event: ev.AllBlocksVerified) -> None:
+        if self._durable_task is None and self.pipeline is not None:
+            self._durable_task = asyncio.get_running_loop().create_task(self._make_durable())
+
+    def _completed(self, event: ev.Completed) -> None:
+        self._finish(OK, "")
+
+    def _evicted(self, event: ev.Evicted) -> None:
+        self._finish(EVICTED, event.reason)
+
+    def _aborted(self, event: ev.SessionAborted) -> None:
+        self._finish(ABORTED, event.reason)
+
+    # -- pipeline callbacks -------------------------------------------------------------
+
+    def _block_result(self, index: int, error: str | None) -> None:
+        now = self._now()
+        if error is None:
+            self._verified_blocks += 1
+            assert self.outcome.manifest is not None
+            self._verified_bytes += self.outcome.manifest.block_length(index)
+            if self.progress is not None:
+                self.progress.update(self._verified_bytes)
+            self.session.block_verified(index, now)
+        else:
+            self.session.block_failed(index, now, error)
+        self._poke()
+
+    def _disk_error(self, exc: DiskError) -> None:
+        self._finish(FAILED, str(exc))
+        self.session.fail(self._now(), str(exc))
+        self._poke()
+
+    def _resume(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    async def _make_durable(self) -> None:
+        assert self.pipeline is not None
+        try:
+            await self.pipeline.finish()
+        except DiskError as exc:
+            self._disk_error(exc)
+            return
+        self.session.blocks_durable(self._now())
+        self._poke()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _finish(self, result: str, reason: str) -> None:
+        if not self.outcome.result:
+            self.outcome.result, self.outcome.reason = result, reason
+        if self._done is not None:
+            self._done.set()
+
+    async def _linger(self) -> None:
+        """Let the session finish its closing exchange (bounded by LINGER seconds)."""
+        deadline = time.monotonic() + LINGER
+        while not self.session.finished and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    def _poke(self) -> None:
+        if self._transport is not None:
+            self._transport.process()
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+
+_HANDLERS: dict[type, Any] = {
+    ev.ManifestReceived: Receiver._manifest_received,
+    ev.BlockReceived: Receiver._block_received,
+    ev.AllBlocksVerified: Receiver._all_verified,
+    ev.Completed: Receiver._completed,
+    ev.Evicted: Receiver._evicted,
+    ev.SessionAborted: Receiver._aborted,
+}
+
+
+def run_receive(args: argparse.Namespace) -> int:
+    """Run ``fleetcast receive`` with parsed ``args``; print the summary; return the exit code."""
+    from client.cli import EXIT_CODES
+
+    try:
+        with open(args.key_file) as f:
+            key = parse_key(f.read())
+    except (OSError, KeyFormatError) as exc:
+        print(f"fleetcast receive: cannot use key file {args.key_file}: {exc}", file=sys.stderr)
+        return EXIT_CODES[USAGE]
+    progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
+    receiver = Receiver(
+        key=key,
+        group=args.group,
+        port=args.port,
+        iface=args.iface,
+        target=args.target,
+        assume_blank=args.assume_blank,
+        progress=progress,
+    )
+    started = time.monotonic()
+    try:
+        outcome = asyncio.run(receiver.run(args.timeout))
+    except TransportError as exc:
+        print(f"fleetcast receive: {exc}", file=sys.stderr)
+        return EXIT_CODES[USAGE]
+    if progress is not None:
+        progress.close()
+    elapsed = time.monotonic() - started
+    print(summary_line(args.target, outcome, elapsed), file=sys.stderr)
+    if args.stats_json:
+        _write_json(args.stats_json, outcome, elapsed)
+    return EXIT_CODES[outcome.result]
+
+
+def summary_line(target: str, outcome: Outcome, elapsed: float) -> str:
+    """The one line a receive ends with."""
+    s = outcome.stats
+    session = s.get("session", {})
+    dropped = session.get("dropped", {}) if isinstance(session.get("dropped"), dict) else {}
+    drops = sum(v for v in dropped.values() if isinstance(v, int))
+    mib = s.get("verified_bytes", 0) / (1 << 20)
+    rate = mib / elapsed if elapsed > 0 else 0.0
+    head = f"fleetcast receive: {outcome.result.upper()}"
+    if outcome.reason:
+        head += f" ({outcome.reason})"
+    sock = s.get("socket", {})
+    return (
+        f"{head}: {target}, {mib:.1f} MiB verified in {elapsed:.1f} s ({rate:.1f} MiB/s), "
+        f"{sock.get('datagrams_in', 0)} datagrams in, {drops} dropped"
+        + (f" {json.dumps(dropped, separators=(',', ':'))}" if dropped else "")
+    )
+
+
+def _write_json(path: str, outcome: Outcome, elapsed: float) -> None:
+    data = {"result": outcome.result, "reason": outcome.reason, "elapsed": elapsed, **outcome.stats}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True, default=str)
+    os.replace(tmp, path)

@@ -1,0 +1,227 @@
+"""Run one multicast session of an image from the store: ``send_image`` (used by the CLI).
+
+Builds the SenderSession from the store's manifest and blocks, drives it with a
+SenderTransport, keeps a per-receiver record from the session's events, and returns a
+SendReport once the session has ended. ``close`` on cancellation tells receivers (ABORT).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol import events as ev
+from protocol.config import EngineConfig
+from protocol.manifest import Manifest
+from protocol.sender import SenderSession
+from server.multicast.sender import SenderTransport, open_sender_socket
+
+log = logging.getLogger(__name__)
+
+#: After close()/the end, wait at most this long for the session's linger to finish.
+END_GRACE = 10.0
+
+
+@dataclass
+class SendOptions:
+    """What ``fleetcast send`` was asked to do."""
+
+    group: str
+    port: int
+    iface: str
+    key: bytes
+    min_receivers: int = 1
+    max_wait: float | None = None
+    rate_bps: int | None = None
+    auto_rate: bool = True
+    ttl: int = 1
+    session_id: int = field(default_factory=lambda: secrets.randbelow(0xFFFFFFFF) + 1)
+    gso: bool = True
+
+
+@dataclass
+class ReceiverRecord:
+    """What the sender knows about one receiver."""
+
+    receiver_id: int
+    address: str = ""
+    state: str = "joined"  #: joined, completed, evicted, failed, left
+    reason: str = ""
+    done_bytes: int = 0
+    blocks_done: int = 0
+    blocks_total: int = 0
+    loss: float = 0.0
+    naks: int = 0
+    joined_at: float = 0.0
+    ended_at: float = 0.0
+
+
+@dataclass
+class SendReport:
+    """How a session ended."""
+
+    image: str
+    manifest: Manifest
+    receivers: dict[int, ReceiverRecord] = field(default_factory=dict)
+    elapsed: float = 0.0
+    outcome: str = ""  #: SessionEnded.outcome: completed, partial, aborted, no-receivers
+    summary: dict[str, Any] = field(default_factory=dict)
+    wire: dict[str, Any] = field(default_factory=dict)
+    session: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, state: str) -> int:
+        """How many receivers ended in ``state``."""
+        return sum(1 for r in self.receivers.values() if r.state == state)
+
+
+class SessionRunner:
+    """One session: store blocks -> SenderSession -> socket. ``await run()``."""
+
+    def __init__(
+        self,
+        name: str,
+        manifest_bytes: bytes,
+        manifest: Manifest,
+        read_payload: Callable[[bytes], bytes],
+        options: SendOptions,
+        *,
+        config: EngineConfig | None = None,
+        on_update: Callable[[SendReport], None] | None = None,
+    ) -> None:
+        self.options = options
+        self.config = config or EngineConfig(rate_bps=options.rate_bps, auto_rate=options.auto_rate)
+        self.report = SendReport(image=name, manifest=manifest)
+        self._manifest_bytes = manifest_bytes
+        self._read_payload = read_payload
+        self._on_update = on_update
+        self.transport: SenderTransport | None = None
+
+    def read_block(self, index: int) -> bytes:
+        """The stored payload of data block ``index`` (the session's read_block)."""
+        return self._read_payload(self.report.manifest.digest_of(index))
+
+    async def run(self) -> SendReport:
+        """Send until every receiver has ended (or none came); raises SenderSocketError."""
+        loop = asyncio.get_running_loop()
+        o = self.options
+        started = time.monotonic()
+        session = SenderSession(
+            session_id=o.session_id,
+            key=o.key,
+            manifest_bytes=self._manifest_bytes,
+            read_block=self.read_block,
+            config=self.config,
+            now=loop.time(),
+            rng=random.Random(),
+            min_receivers=o.min_receivers,
+            max_wait=o.max_wait,
+        )
+        self.session = session
+        sock = open_sender_socket(o.iface, ttl=o.ttl)
+        self.transport = SenderTransport(
+            session, sock, loop=loop, group=(o.group, o.port), on_event=self._on_event, gso=o.gso
+        )
+        self.transport.start()
+        try:
+            await self.transport.finished.wait()
+        except asyncio.CancelledError:
+            session.close(loop.time(), "sender interrupted")
+            self.transport.process()
+            await asyncio.wait_for(self.transport.finished.wait(), END_GRACE)
+            raise
+        finally:
+            self.report.elapsed = time.monotonic() - started
+            self.report.wire = vars(self.transport.stats).copy()
+            self.report.session = _as_dict(getattr(session, "stats", None))
+            self.transport.close()
+        return self.report
+
+    # -- events -------------------------------------------------------------------------
+
+    def _on_event(self, event: object) -> None:
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, event)
+        if self._on_update is not None:
+            self._on_update(self.report)
+
+    def _record(self, event: Any) -> ReceiverRecord:
+        rid = int(event.receiver_id)
+        rec = self.report.receivers.get(rid)
+        if rec is None:
+            rec = ReceiverRecord(receiver_id=rid, joined_at=time.monotonic())
+            self.report.receivers[rid] = rec
+        if isinstance(event, ev.ReceiverJoined):
+            rec.address = event.addr[0]
+        return rec
+
+    def _joined(self, event: ev.ReceiverJoined) -> None:
+        rec = self._record(event)
+        rec.state = "joined"
+        log.info(
+            "session %08x: receiver %08x joined from %s",
+            self.options.session_id,
+            rec.receiver_id,
+            rec.address,
+        )
+
+    def _progress(self, event: ev.ReceiverProgress) -> None:
+        rec = self._record(event)
+        rec.done_bytes = event.bytes_done
+        rec.blocks_done, rec.blocks_total = event.blocks_done, event.blocks_total
+        rec.loss, rec.naks = event.loss, event.naks
+
+    def _completed(self, event: ev.ReceiverCompleted) -> None:
+        self._end(event, "completed", "")
+
+    def _evicted(self, event: ev.ReceiverEvicted) -> None:
+        self._end(event, "evicted", event.reason)
+
+    def _failed(self, event: ev.ReceiverFailed) -> None:
+        self._end(event, "failed", event.reason)
+
+    def _left(self, event: ev.ReceiverLeft) -> None:
+        self._end(event, "left", event.reason)
+
+    def _session_ended(self, event: ev.SessionEnded) -> None:
+        self.report.outcome = event.outcome
+        self.report.summary = dict(event.summary)
+
+    def _end(self, event: Any, state: str, reason: str) -> None:
+        rec = self._record(event)
+        rec.state, rec.reason, rec.ended_at = state, reason, time.monotonic()
+        log.info(
+            "session %08x: receiver %08x %s %s",
+            self.options.session_id,
+            rec.receiver_id,
+            state,
+            reason,
+        )
+
+
+_HANDLERS: dict[type, Callable[[SessionRunner, Any], None]] = {
+    ev.ReceiverJoined: SessionRunner._joined,
+    ev.ReceiverProgress: SessionRunner._progress,
+    ev.ReceiverCompleted: SessionRunner._completed,
+    ev.ReceiverEvicted: SessionRunner._evicted,
+    ev.ReceiverFailed: SessionRunner._failed,
+    ev.ReceiverLeft: SessionRunner._left,
+    ev.SessionEnded: SessionRunner._session_ended,
+}
+
+
+def _as_dict(stats: object) -> dict[str, Any]:
+    if stats is None:
+        return {}
+    if isinstance(stats, dict):
+        return dict(stats)
+    if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
+        return dict(dataclasses.asdict(stats))
+    return dict(vars(stats))

@@ -1,0 +1,150 @@
+"""fleetcast send / receive end to end: real processes, real multicast, private namespaces.
+
+Every test builds its own lab (bench/lab.py): a bridge, a sender namespace and one
+namespace per receiver, torn down whatever happens. Targets are files; success means the
+file hashes to the image's SHA-256 (unused blocks read as zeros on a fresh file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from fleethelp import ROOT, BuiltImage, Fleet, file_sha256
+
+from bench.lab import wait_until
+
+pytestmark = pytest.mark.netns
+
+RECEIVE_OK, RECEIVE_FAILED, RECEIVE_EVICTED, RECEIVE_ABORTED, RECEIVE_REFUSED = 0, 1, 3, 4, 5
+SEND_OK, SEND_PARTIAL, SEND_NONE = 0, 3, 4
+
+
+def test_two_receivers_get_identical_copies(
+    make_fleet: Callable[..., Fleet], small_image: BuiltImage, tmp_path: Path
+) -> None:
+    fleet = make_fleet(small_image, 2)
+    targets = [tmp_path / f"r{i}.img" for i in range(2)]
+    receivers = [fleet.receive(n, t) for n, t in zip(fleet.lab.receivers, targets, strict=True)]
+    sender = fleet.send("--min-receivers", "2", "--max-wait", "20")
+    assert fleet.wait(sender, "sender", 60) == SEND_OK, fleet.log("sender")
+    for node, proc, target in zip(fleet.lab.receivers, receivers, targets, strict=True):
+        assert fleet.wait(proc, node.name, 20) == RECEIVE_OK, fleet.log(node.name)
+        assert file_sha256(target) == small_image.sha256
+        assert "VERIFIED" in fleet.log(node.name)
+    assert "2 completed, 0 evicted, 0 failed" in fleet.log("sender")
+
+
+def test_a_target_too_small_is_refused_before_writing(
+    make_fleet: Callable[..., Fleet], small_image: BuiltImage, tmp_path: Path
+) -> None:
+    backing = tmp_path / "small-disk"
+    backing.write_bytes(b"\x5a" * (4 << 20))  # 4 MiB, the image needs 9 MiB
+    dev = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        fleet = make_fleet(small_image, 1)
+        node = fleet.lab.receivers[0]
+        receiver = fleet.receive(node, dev)
+        sender = fleet.send("--max-wait", "3")
+        assert fleet.wait(receiver, node.name, 40) == RECEIVE_REFUSED, fleet.log(node.name)
+        assert "the image needs" in fleet.log(node.name)
+        assert fleet.wait(sender, "sender", 40) == SEND_NONE, fleet.log("sender")
+        assert "failed" in fleet.log("sender")
+        with open(dev, "rb") as f:
+            assert f.read() == b"\x5a" * (4 << 20)  # not one byte written
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_receiver_with_the_wrong_key_never_writes(
+    make_fleet: Callable[..., Fleet], small_image: BuiltImage, tmp_path: Path
+) -> None:
+    fleet = make_fleet(small_image, 2)
+    good, bad = fleet.lab.receivers
+    wrong_key = tmp_path / "wrong.key"
+    wrong_key.write_text(os.urandom(32).hex())
+    bad_target = tmp_path / "bad.img"
+    bad_proc = fleet.receive(bad, bad_target, "--timeout", "4", key_file=wrong_key)
+    good_proc = fleet.receive(good, tmp_path / "good.img")
+    sender = fleet.send("--max-wait", "20")
+    assert fleet.wait(good_proc, good.name, 40) == RECEIVE_OK, fleet.log(good.name)
+    assert fleet.wait(sender, "sender", 40) == SEND_OK, fleet.log("sender")
+    assert fleet.wait(bad_proc, bad.name, 20) == RECEIVE_ABORTED, fleet.log(bad.name)
+    assert not bad_target.exists()
+    dropped = fleet.stats(bad)["session"]["dropped"]
+    assert dropped.get("bad_tag", 0) > 0
+    assert "1 completed" in fleet.log("sender")
+
+
+@pytest.mark.slow
+def test_forged_datagrams_are_dropped_and_never_written(
+    make_fleet: Callable[..., Fleet], small_image: BuiltImage, tmp_path: Path
+) -> None:
+    fleet = make_fleet(small_image, 3)
+    r0, r1, forger_node = fleet.lab.receivers
+    targets = [tmp_path / "r0.img", tmp_path / "r1.img"]
+    procs = [fleet.receive(r0, targets[0]), fleet.receive(r1, targets[1])]
+    forger = fleet.lab.popen(
+        forger_node,
+        [
+            sys.executable,
+            str(ROOT / "tests/e2e/forge.py"),
+            fleet.group,
+            str(fleet.port),
+            "lab0",
+            "6",
+        ],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    # A slow paced session, so forged and genuine datagrams are interleaved for seconds.
+    sender = fleet.send("--min-receivers", "2", "--max-wait", "20", "--rate", "8M")
+    out, _ = forger.communicate(timeout=60)
+    assert b"forging session" in out and b"sent " in out, out
+    for node, proc, target in zip((r0, r1), procs, targets, strict=True):
+        assert fleet.wait(proc, node.name, 60) == RECEIVE_OK, fleet.log(node.name)
+        assert file_sha256(target) == small_image.sha256
+        assert fleet.stats(node)["session"]["dropped"].get("bad_tag", 0) > 100
+    assert fleet.wait(sender, "sender", 30) == SEND_OK, fleet.log("sender")
+
+
+@pytest.mark.slow
+def test_eight_receivers_with_loss_a_late_joiner_and_a_killed_one(
+    make_fleet: Callable[..., Fleet], realistic_image: BuiltImage, tmp_path: Path
+) -> None:
+    fleet = make_fleet(realistic_image, 9, sender_rate="1gbit")
+    nodes = fleet.lab.receivers
+    for node in nodes:
+        fleet.lab.set_loss(node, 2)
+    late, victim = nodes[-1], nodes[0]
+    targets = {n.name: tmp_path / f"{n.name}.img" for n in nodes}
+    started = time.monotonic()
+    procs = {n.name: fleet.receive(n, targets[n.name]) for n in nodes[:-1]}
+    # Paced well below the link so the transfer lasts long enough to join late and kill.
+    sender = fleet.send("--min-receivers", "8", "--max-wait", "20", "--rate", "30M")
+
+    def written(name: str) -> int:
+        path = targets[name]
+        return path.stat().st_blocks * 512 if path.exists() else 0
+
+    assert wait_until(lambda: written(victim.name) > (1 << 20), 30), fleet.log("sender")
+    assert fleet.lab.kill(procs.pop(victim.name)) == -9  # SIGKILL by PID, mid-transfer
+    procs[late.name] = fleet.receive(late, targets[late.name])  # joins after the start
+    for name, proc in procs.items():
+        assert fleet.wait(proc, name, 60) == RECEIVE_OK, fleet.log(name)
+        assert file_sha256(targets[name]) == realistic_image.manifest.image_sha256, name
+    assert fleet.wait(sender, "sender", 30) == SEND_PARTIAL, fleet.log("sender")
+    log = fleet.log("sender")
+    assert "8 completed, 1 evicted" in log
+    assert f"({victim.address}) evicted" in log
+    assert time.monotonic() - started < 90
+    counters = fleet.lab.nft_counters(nodes[1])  # the 2% loss really dropped datagrams
+    assert re.search(r"counter packets [1-9]", counters), counters
