@@ -1,0 +1,92 @@
+"""What the sender knows about each receiver (docs/PROTOCOL.md §4.1, §6.2, §7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from protocol.rangeset import RangeSet
+
+REPLAY_WINDOW = 64
+
+
+class ReplayWindow:
+    """A sliding window over a source's sequence numbers (§6.2), like IPsec's."""
+
+    __slots__ = ("_highest", "_mask")
+
+    def __init__(self, first: int) -> None:
+        self._highest = first
+        self._mask = 1
+
+    def accept(self, seq: int) -> bool:
+        """True (and remembered) when ``seq`` is new; False for a replay or a too-old one."""
+        if seq > self._highest:
+            shift = seq - self._highest
+            self._mask = ((self._mask << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            self._highest = seq
+            return True
+        offset = self._highest - seq
+        if offset >= REPLAY_WINDOW or self._mask >> offset & 1:
+            return False
+        self._mask |= 1 << offset
+        return True
+
+
+class MemberState(Enum):
+    """Where a receiver stands with the sender."""
+
+    ACTIVE = "active"
+    COMPLETED = "completed"
+    EVICTED = "evicted"
+    FAILED = "failed"
+    LEFT = "left"
+
+
+@dataclass
+class Member:
+    """One joined receiver instance."""
+
+    receiver_id: int
+    instance: int
+    addr: tuple[str, int]
+    joined_at: float
+    missing: RangeSet
+    replay: ReplayWindow
+    state: MemberState = MemberState.ACTIVE
+    last_heard: float = 0.0
+    naks: int = 0
+    object_naks: dict[int, int] = field(default_factory=dict)
+    last_status_seq: int = -1
+    last_status_time: float = -1.0
+    loss: float = 0.0
+    blocks_done: int = 0
+    blocks_total: int = 0
+    bytes_done: int = 0
+    write_bps: int = 0
+    backlog: int = 0
+    reason: str = ""
+    ended_at: float | None = None
+    #: EVICT retransmission (§7): next send time, interval, give-up time; None = not sending
+    evict_next: float | None = None
+    evict_interval: float = 0.0
+    evict_deadline: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.state is MemberState.ACTIVE
+
+    def summary(self) -> dict[str, object]:
+        """Per-receiver figures for the session's stats and summary."""
+        return {
+            "instance": self.instance,
+            "addr": f"{self.addr[0]}:{self.addr[1]}",
+            "state": self.state.value,
+            "reason": self.reason,
+            "blocks_done": self.blocks_done,
+            "blocks_total": self.blocks_total,
+            "bytes_done": self.bytes_done,
+            "loss": round(self.loss, 4),
+            "naks": self.naks,
+            "write_bps": self.write_bps,
+        }

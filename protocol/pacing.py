@@ -1,0 +1,84 @@
+"""The sender's pacer and rate controller (docs/PROTOCOL.md §5)."""
+
+from __future__ import annotations
+
+from protocol.config import EngineConfig
+
+
+class Pacer:
+    """A token bucket in UDP payload bytes, with an optional AIMD-style rate controller.
+
+    ``rate_bps`` is None when the session is unpaced (no cap and no auto mode).
+    """
+
+    def __init__(self, config: EngineConfig, now: float) -> None:
+        self._config = config
+        cap = config.rate_bps
+        if config.auto_rate:
+            ceiling = cap if cap is not None else config.max_rate_bps
+            self.ceiling: int | None = ceiling
+            self.rate_bps: int | None = min(config.initial_rate_bps, ceiling)
+        else:
+            self.ceiling = cap
+            self.rate_bps = cap
+        self._tokens = float(config.burst_bytes)
+        self._stamp = now
+        self._decrease_holdoff = now
+        self.decreases = 0
+        self.increases = 0
+
+    @property
+    def paced(self) -> bool:
+        return self.rate_bps is not None
+
+    def _refill(self, now: float) -> None:
+        if self.rate_bps is None:
+            return
+        dt = now - self._stamp
+        if dt > 0:
+            burst = float(self._config.burst_bytes)
+            self._tokens = min(burst, self._tokens + dt * self.rate_bps / 8.0)
+            self._stamp = now
+
+    def ready(self, now: float) -> bool:
+        """True when a Transmit may go at ``now`` (the bucket is not in debt)."""
+        if self.rate_bps is None:
+            return True
+        self._refill(now)
+        return self._tokens >= 0.0
+
+    def consume(self, nbytes: int) -> None:
+        """Charge a Transmit of ``nbytes`` UDP payload bytes (may go into debt)."""
+        if self.rate_bps is not None:
+            self._tokens -= nbytes
+
+    def ready_at(self, now: float) -> float:
+        """When the bucket will be out of debt."""
+        if self.rate_bps is None:
+            return now
+        self._refill(now)
+        if self._tokens >= 0.0:
+            return now
+        return now + (-self._tokens * 8.0) / self.rate_bps
+
+    def adjust(self, now: float, losses: list[float]) -> None:
+        """Auto mode: react to the freshest receiver loss reports (fractions)."""
+        if not self._config.auto_rate or self.rate_bps is None or not losses:
+            return
+        assert self.ceiling is not None
+        ordered = sorted(losses)
+        loss = ordered[int(self._config.rate_quantile * (len(ordered) - 1))]
+        if loss > self._config.loss_threshold:
+            if now >= self._decrease_holdoff:
+                self._set_rate(now, int(self.rate_bps * self._config.rate_decrease))
+                self.decreases += 1
+                # Let reports made at the new rate arrive before cutting again.
+                self._decrease_holdoff = now + 2 * self._config.status_interval
+            return
+        step = max(int(self.rate_bps * self._config.rate_increase), 1_000_000)
+        self._set_rate(now, min(self.ceiling, self.rate_bps + step))
+        self.increases += 1
+
+    def _set_rate(self, now: float, rate: int) -> None:
+        self._refill(now)
+        self.rate_bps = max(self._config.min_rate_bps, rate)

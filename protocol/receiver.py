@@ -1,0 +1,769 @@
+"""The receiver's state machine: no I/O, time is a parameter (docs/PROTOCOL.md).
+
+A shell feeds it datagrams, sends what ``datagrams_to_send`` returns (all unicast to the
+sender), calls ``handle_timer`` at ``get_timer()``, and drains ``next_event``: on
+``BlockReceived`` it decodes, checks and writes the block, then calls ``block_verified``
+or ``block_failed``; on ``AllBlocksVerified`` it fsyncs and calls ``blocks_durable``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterable
+from enum import Enum
+from typing import Any
+
+from protocol import wire
+from protocol.config import EngineConfig
+from protocol.events import (
+    AllBlocksVerified,
+    BlockReceived,
+    Completed,
+    Event,
+    Evicted,
+    ManifestReceived,
+    SessionAborted,
+    SessionJoined,
+)
+from protocol.manifest import Manifest, ManifestError
+from protocol.rangeset import RangeSet
+from protocol.reassembly import NEEDED, PARTIAL, RECEIVED, SKIP, VERIFIED, Partial, nak_bodies
+from protocol.sender import data_block_ranges
+from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, PacketType, Transmit, WireError
+
+logger = logging.getLogger(__name__)
+
+_DATA_BODY = wire.DATA_BODY
+_BODY_SIZE = wire.DATA_BODY.size
+
+
+class ReceiverState(Enum):
+    """Where the receiver stands (PROTOCOL.md §3)."""
+
+    LISTENING = "listening"  #: waiting for an ANNOUNCE
+    JOINING = "joining"  #: sending JOIN until JOIN_ACK
+    RECEIVING = "receiving"  #: manifest and blocks
+    VERIFIED = "verified"  #: every block verified; waiting for blocks_durable
+    DONE_WAIT = "done-wait"  #: sending DONE until DONE_ACK
+    LEAVING = "leaving"  #: sending LEAVE (failed, or acknowledging EVICT / ABORT)
+    CLOSED = "closed"
+
+
+_S = ReceiverState
+_TRANSITIONS: dict[ReceiverState, frozenset[ReceiverState]] = {
+    _S.LISTENING: frozenset({_S.JOINING, _S.CLOSED}),
+    _S.JOINING: frozenset({_S.RECEIVING, _S.LISTENING, _S.LEAVING, _S.CLOSED}),
+    _S.RECEIVING: frozenset({_S.VERIFIED, _S.LEAVING, _S.CLOSED}),
+    _S.VERIFIED: frozenset({_S.DONE_WAIT, _S.LEAVING, _S.CLOSED}),
+    _S.DONE_WAIT: frozenset({_S.LEAVING, _S.CLOSED}),
+    _S.LEAVING: frozenset({_S.CLOSED}),
+    _S.CLOSED: frozenset(),
+}
+_JOINED = frozenset({_S.RECEIVING, _S.VERIFIED, _S.DONE_WAIT, _S.LEAVING})
+
+
+class ReceiverSession:
+    """One receiver of one multicast session (PROTOCOL.md §3-§4)."""
+
+    def __init__(
+        self,
+        *,
+        key: bytes,
+        config: EngineConfig,
+        now: float,
+        rng: random.Random,
+        receiver_id: int | None = None,
+    ) -> None:
+        """Raises ValueError for a bad key or receiver id."""
+        if len(key) < 16:
+            raise ValueError("the session key must be at least 16 bytes (32 from a key file)")
+        rid = receiver_id if receiver_id is not None else rng.randrange(1, 1 << 32)
+        if not 0 < rid < 1 << 32:
+            raise ValueError(f"receiver id {rid} must be between 1 and 2**32-1")
+        self.receiver_id = rid
+        self._key = key
+        self._config = config
+        self._rng = rng
+        self._instance = rng.randrange(1, 1 << 32)
+        self._seq = 0
+        self._state = ReceiverState.LISTENING
+        self.outcome = ""
+        self.fail_reason = ""
+        self._created = now
+        self._now = now
+        self._events: deque[Event] = deque()
+        self._out: list[Transmit] = []
+        self._dropped: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+        self._ignored: set[tuple[int, int]] = set()
+        self._session = 0
+        self._sender_instance = 0
+        self._sender: tuple[str, int] | None = None
+        self._announce: wire.Announce | None = None
+        self._last_heard = now
+        self._declared: set[int] = set()
+        # object bookkeeping (set up on JOIN_ACK / manifest)
+        self.manifest: Manifest | None = None
+        self._blocks = bytearray()
+        self._chunk_states = bytearray()
+        self._chunk_data: dict[int, bytes] = {}
+        self._needed = RangeSet()
+        self._partials: OrderedDict[int, Partial] = OrderedDict()
+        self._early: dict[int, bytes] = {}
+        self._current = -1
+        self._fp = config.fragment_payload
+        self._data_total = 0
+        self._verified = 0
+        self._bytes_done = 0
+        self._unverified = 0
+        self._failures: Counter[int] = Counter()
+        # timers; None = not armed
+        self._next_join: float | None = None
+        self._join_interval = config.join_interval
+        self._join_deadline = 0.0
+        self._next_status: float | None = None
+        self._nak_at: float | None = None
+        self._last_nak = -1e9
+        self._next_control: float | None = None
+        self._control_interval = config.control_retry
+        self._control_deadline = 0.0
+        self._leave: tuple[wire.LeaveCode, str, bool] | None = None
+        self._leave_repeats = 0
+        # loss and rate measurement since the previous STATUS
+        self._max_seq = 0
+        self._status_seq_base = 0
+        self._rx_since = 0
+        self._dropped_frags = 0
+        self._bytes_since = 0
+        self._last_status_at = now
+        self._span_next = 0
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> ReceiverState:
+        return self._state
+
+    @property
+    def finished(self) -> bool:
+        """True once the session is over for this receiver (see ``outcome``)."""
+        return self._state is ReceiverState.CLOSED
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters: datagrams, fragments, duplicates, NAKs sent, drops by reason, progress."""
+        return {
+            "state": self._state.value,
+            "outcome": self.outcome,
+            "receiver_id": self.receiver_id,
+            "session_id": self._session,
+            "blocks_done": self._verified,
+            "blocks_total": self._data_total,
+            "bytes_done": self._bytes_done,
+            "partial_objects": len(self._partials),
+            "unverified": self._unverified,
+            **dict(self._counts),
+            "dropped": dict(self._dropped),
+        }
+
+    def receive_datagram(self, data: bytes | memoryview, addr: tuple[str, int], now: float) -> None:
+        """Handle one datagram from the network; never raises on bad input (§2.2)."""
+        self._now = now
+        self._counts["datagrams"] += 1
+        try:
+            self._receive(data, addr, now)
+            self._counts["accepted"] += 1
+        except WireError as exc:
+            self._dropped[exc.reason] += 1
+        except Exception:  # a bug must not kill the receiver; the fuzz test keeps this at 0
+            logger.exception("receiver %08x: internal error on a datagram", self.receiver_id)
+            self._dropped["internal_error"] += 1
+
+    def datagrams_to_send(self, now: float) -> list[Transmit]:
+        """JOIN, NAK, STATUS, DONE and LEAVE datagrams due at ``now`` (unicast to the sender)."""
+        self._now = now
+        out, self._out = self._out, []
+        self._counts["sent"] += len(out)
+        return out
+
+    def get_timer(self) -> float | None:
+        """The absolute time at which handle_timer must next be called; None when closed."""
+        if self._state is ReceiverState.CLOSED:
+            return None
+        times = [
+            t
+            for t in (self._next_join, self._next_status, self._nak_at, self._next_control)
+            if t is not None
+        ]
+        if self._state is ReceiverState.LISTENING:
+            if self._config.listen_timeout is not None:
+                times.append(self._created + self._config.listen_timeout)
+        elif self._state is not ReceiverState.LEAVING:
+            times.append(self._last_heard + self._config.sender_timeout)
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        """Retries, NAKs, STATUS and timeouts due at ``now``."""
+        self._now = now
+        if self._state is ReceiverState.CLOSED:
+            return
+        if self._check_timeouts(now):
+            return
+        if self._next_join is not None and now >= self._next_join:
+            self._send_join(now)
+        if self._nak_at is not None and now >= self._nak_at:
+            self._send_naks(now)
+        if self._next_status is not None and now >= self._next_status:
+            self._send_status(now)
+        if self._next_control is not None and now >= self._next_control:
+            self._send_control(now)
+
+    def next_event(self) -> Event | None:
+        """The oldest event not yet taken, or None."""
+        return self._events.popleft() if self._events else None
+
+    def declare_have(self, blocks: Iterable[int], now: float) -> None:
+        """Blocks already on the target (verified by the shell): they are not needed."""
+        wanted = set(blocks)
+        if self.manifest is None:
+            self._declared |= wanted
+            return
+        for index in sorted(wanted):
+            if not 0 <= index < len(self._blocks):
+                raise ValueError(f"block {index} is outside the image")
+            if self._blocks[index] in (NEEDED, PARTIAL):
+                self._partials.pop(index, None)
+                self._mark_verified(index)
+        self._check_all_verified()
+
+    def block_verified(self, index: int, now: float) -> None:
+        """The shell decoded block ``index``, checked its hash and wrote it."""
+        if self._state in (ReceiverState.LEAVING, ReceiverState.CLOSED):
+            return
+        self._require_received(index)
+        self._unverified -= 1
+        self._mark_verified(index)
+        self._check_all_verified()
+
+    def block_failed(self, index: int, now: float, reason: str) -> None:
+        """Block ``index`` did not decode or match its hash: it is requested again."""
+        if self._state in (ReceiverState.LEAVING, ReceiverState.CLOSED):
+            return
+        self._require_received(index)
+        self._unverified -= 1
+        self._blocks[index] = NEEDED
+        self._needed.add(index, index + 1)
+        self._failures[index] += 1
+        self._counts["blocks_failed"] += 1
+        if self._failures[index] >= self._config.max_block_failures:
+            self.fail(
+                now, f"block {index} failed verification {self._failures[index]} times: {reason}"
+            )
+
+    def blocks_durable(self, now: float) -> None:
+        """The shell made every block durable (fsync): report DONE until acknowledged."""
+        if self._state in (ReceiverState.LEAVING, ReceiverState.CLOSED):
+            return
+        if self._state is not ReceiverState.VERIFIED:
+            raise ValueError(
+                f"blocks_durable called in state {self._state.value}, before AllBlocksVerified"
+            )
+        self._set_state(ReceiverState.DONE_WAIT)
+        self._arm_control(now)
+
+    def fail(self, now: float, reason: str) -> None:
+        """A local failure: tell the sender (LEAVE failed) and stop."""
+        if self._state in (ReceiverState.LEAVING, ReceiverState.CLOSED):
+            return
+        self.outcome = "failed"
+        self.fail_reason = reason
+        if self._state is ReceiverState.LISTENING:
+            self._close()
+            return
+        self._start_leave(now, wire.LeaveCode.FAILED, reason, need_ack=True)
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _set_state(self, new: ReceiverState) -> None:
+        if new not in _TRANSITIONS[self._state]:
+            raise AssertionError(f"receiver transition {self._state} -> {new} is not allowed")
+        logger.debug("receiver %08x: %s -> %s", self.receiver_id, self._state.value, new.value)
+        self._state = new
+
+    def _close(self) -> None:
+        self._set_state(ReceiverState.CLOSED)
+        self._next_join = self._next_status = self._nak_at = self._next_control = None
+        self._partials.clear()
+        self._early.clear()
+        self._chunk_data.clear()
+
+    def _abort(self, reason: str, outcome: str = "aborted") -> None:
+        self.outcome = outcome
+        self._events.append(SessionAborted(reason))
+        self._close()
+
+    def _start_leave(self, now: float, code: wire.LeaveCode, text: str, need_ack: bool) -> None:
+        self._set_state(ReceiverState.LEAVING)
+        self._next_join = self._next_status = self._nak_at = None
+        self._partials.clear()
+        self._leave = (code, text, need_ack)
+        self._leave_repeats = 3
+        self._arm_control(now)
+
+    def _arm_control(self, now: float) -> None:
+        self._next_control = now
+        self._control_interval = self._config.control_retry
+        self._control_deadline = now + self._config.control_timeout
+        self._send_control(now)
+
+    def _check_timeouts(self, now: float) -> bool:
+        cfg = self._config
+        if self._state is ReceiverState.LISTENING:
+            if cfg.listen_timeout is not None and now - self._created >= cfg.listen_timeout:
+                self._abort(
+                    f"no fleetcast session heard in {cfg.listen_timeout:.0f} s", "no-session"
+                )
+                return True
+        elif (
+            self._state is not ReceiverState.LEAVING
+            and now - self._last_heard >= cfg.sender_timeout
+        ):
+            self._abort(f"nothing heard from the sender for {now - self._last_heard:.1f} s")
+            return True
+        return False
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _receive(self, data: bytes | memoryview, addr: tuple[str, int], now: float) -> None:
+        hdr, body = wire.open_datagram(self._key, data)
+        ptype = hdr.type
+        if ptype not in wire.SENDER_TYPES:
+            known = ptype in PacketType._value2member_map_
+            raise WireError("unexpected_type" if known else "bad_type")
+        if hdr.source != 0:
+            raise WireError("invalid", "sender datagram with a receiver id")
+        state = self._state
+        if state is ReceiverState.CLOSED:
+            raise WireError("closed")
+        if state is ReceiverState.LISTENING:
+            if ptype != PacketType.ANNOUNCE:
+                raise WireError("not_joined")
+            if (hdr.session, hdr.instance) in self._ignored:
+                raise WireError("ignored_session")
+            self._on_first_announce(hdr, wire.decode_announce(body), addr, now)
+            return
+        if hdr.session != self._session or hdr.instance != self._sender_instance:
+            raise WireError("foreign_session")
+        if state is ReceiverState.JOINING and ptype not in (
+            PacketType.ANNOUNCE,
+            PacketType.JOIN_ACK,
+        ):
+            raise WireError("not_joined")
+        self._last_heard = now
+        self._rx_since += 1
+        if 0 < (hdr.seq - self._max_seq) & 0xFFFFFFFF < 1 << 31:
+            self._max_seq = hdr.seq
+        if ptype == PacketType.DATA:
+            self._on_data(body, now)
+            return
+        msg = wire.DECODERS[ptype](body)
+        self._HANDLERS[ptype](self, hdr, msg, now)
+
+    def _on_first_announce(
+        self, hdr: wire.Header, a: wire.Announce, addr: tuple[str, int], now: float
+    ) -> None:
+        if a.state == wire.AnnounceState.ENDING:
+            raise WireError("session_ending")
+        if a.manifest_size == 0 or a.manifest_size > self._config.max_manifest_bytes:
+            self._ignored.add((hdr.session, hdr.instance))
+            raise WireError("invalid", f"manifest of {a.manifest_size} bytes")
+        if a.payload_size - wire.DATA_OVERHEAD <= 0 or a.block_count == 0:
+            raise WireError("invalid", "announce geometry")
+        self._session, self._sender_instance = hdr.session, hdr.instance
+        self._sender, self._announce = addr, a
+        self._last_heard = now
+        self._fp = a.payload_size - wire.DATA_OVERHEAD
+        self._set_state(ReceiverState.JOINING)
+        self._join_interval = self._config.join_interval
+        self._join_deadline = now + self._config.join_timeout
+        self._send_join(now)
+
+    def _on_announce(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        assert isinstance(msg, wire.Announce) and self._announce is not None
+        old = self._announce
+        if (msg.digest, msg.block_count, msg.payload_size) != (
+            old.digest,
+            old.block_count,
+            old.payload_size,
+        ):
+            raise WireError("invalid", "announce changed within the session")
+        self._announce = msg
+        if msg.state == wire.AnnounceState.ENDING and self._state in (
+            ReceiverState.JOINING,
+            ReceiverState.RECEIVING,
+            ReceiverState.VERIFIED,
+        ):
+            self._abort("the sender ended the session before this receiver completed")
+
+    def _on_join_ack(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        assert isinstance(msg, wire.JoinAck) and self._announce is not None
+        if (msg.target_id, msg.target_instance) != (self.receiver_id, self._instance):
+            raise WireError("for_other_receiver")
+        if self._state is not ReceiverState.JOINING:
+            return
+        if msg.refused:
+            self._abort(f"the sender refused this receiver: {msg.text}", "refused")
+            return
+        a = self._announce
+        self._set_state(ReceiverState.RECEIVING)
+        self._next_join = None
+        self._blocks = bytearray(a.block_count)
+        chunks = -(-a.manifest_size // MANIFEST_CHUNK)
+        self._chunk_states = bytearray(chunks)
+        self._needed = RangeSet([(0, a.block_count), (MANIFEST_BASE, MANIFEST_BASE + chunks)])
+        self._data_total = a.data_blocks
+        self._max_seq = self._status_seq_base = hdr.seq
+        self._rx_since = 0
+        self._last_status_at = now
+        self._next_status = now + self._jitter(self._config.status_interval)
+        assert self._sender is not None
+        self._events.append(
+            SessionJoined(self._session, self._sender, a.block_count, a.data_blocks, a.data_bytes)
+        )
+
+    def _targeted(self, msg: wire.Message) -> wire.Targeted:
+        assert isinstance(msg, wire.Targeted)
+        if (msg.target_id, msg.target_instance) != (self.receiver_id, self._instance):
+            raise WireError("for_other_receiver")
+        return msg
+
+    def _on_done_ack(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        self._targeted(msg)
+        if self._state is ReceiverState.DONE_WAIT:
+            self.outcome = "completed"
+            self._events.append(Completed())
+            self._close()
+
+    def _on_leave_ack(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        self._targeted(msg)
+        if self._state is ReceiverState.LEAVING:
+            self._close()
+
+    def _on_evict(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        t = self._targeted(msg)
+        if self._state is ReceiverState.LEAVING:
+            return
+        self.outcome = "evicted"
+        self._events.append(Evicted(t.text))
+        self._start_leave(now, wire.LeaveCode.EVICTED_ACK, t.text, need_ack=False)
+
+    def _on_abort(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        assert isinstance(msg, wire.Abort)
+        if self._state is ReceiverState.LEAVING:
+            return
+        self.outcome = "aborted"
+        self._events.append(SessionAborted(f"the sender aborted the session: {msg.text}"))
+        self._start_leave(now, wire.LeaveCode.ABORTED_ACK, msg.text, need_ack=False)
+
+    _HANDLERS: dict[int, Callable[[ReceiverSession, wire.Header, wire.Message, float], None]]
+
+    # -- data path (hot) ------------------------------------------------------------------
+
+    def _on_data(self, body: memoryview, now: float) -> None:
+        if self._state is not ReceiverState.RECEIVING:
+            self._counts["duplicates"] += 1
+            return
+        if len(body) <= _BODY_SIZE:
+            raise WireError("malformed", "data without payload")
+        obj, size, frag, _flags = _DATA_BODY.unpack_from(body)
+        if obj < MANIFEST_BASE:
+            if obj >= len(self._blocks):
+                raise WireError("invalid", f"block {obj} beyond the image")
+            states, index = self._blocks, obj
+        else:
+            index = obj - MANIFEST_BASE
+            if index >= len(self._chunk_states):
+                raise WireError("invalid", f"manifest chunk {index} beyond the manifest")
+            states = self._chunk_states
+        if obj != self._current:
+            prev = self._partials.get(self._current)
+            if prev is not None:
+                prev.passed = True
+            self._current = obj
+        if states[index] >= RECEIVED:
+            self._counts["duplicates"] += 1
+            return
+        payload = body[_BODY_SIZE:]
+        fp = self._fp
+        p = self._partials.get(obj)
+        if p is None:
+            self._check_size(obj, size)
+            p = self._new_partial(obj, size, states, index, now)
+        elif size != p.size:
+            raise WireError("invalid", f"object {obj} size changed")
+        if frag >= p.fragments or len(payload) != min(fp, size - frag * fp):
+            raise WireError("invalid", f"fragment {frag} of object {obj} has a bad length")
+        got = p.got
+        if got[frag]:
+            self._counts["duplicates"] += 1
+        else:
+            off = frag * fp
+            p.buf[off : off + len(payload)] = payload
+            got[frag] = 1
+            p.count += 1
+            self._counts["fragments"] += 1
+        p.last_rx = now
+        p.passed = False
+        if p.count == p.fragments:
+            self._complete(obj, p, states, index, now)
+
+    def _check_size(self, obj: int, size: int) -> None:
+        if obj >= MANIFEST_BASE:
+            assert self._announce is not None
+            k = obj - MANIFEST_BASE
+            expected = min(MANIFEST_CHUNK, self._announce.manifest_size - k * MANIFEST_CHUNK)
+            if size != expected:
+                raise WireError("invalid", f"manifest chunk {k} of {size} bytes")
+            return
+        if self.manifest is not None:
+            if size != self.manifest.stored_sizes[obj]:
+                raise WireError(
+                    "invalid", f"block {obj} of {size} bytes disagrees with the manifest"
+                )
+        elif self._announce is not None and not 0 < size <= self._announce.block_size:
+            raise WireError("invalid", f"block {obj} of {size} bytes")
+
+    def _new_partial(
+        self, obj: int, size: int, states: bytearray, index: int, now: float
+    ) -> Partial:
+        if len(self._partials) >= self._config.max_partial_objects:
+            old_obj, old = self._partials.popitem(last=False)
+            self._forget_partial(old_obj)
+            self._dropped_frags += old.count
+            self._counts["partials_dropped"] += 1
+        p = Partial(size, -(-size // self._fp), now)
+        self._partials[obj] = p
+        states[index] = PARTIAL
+        self._needed.discard(obj, obj + 1)
+        if self._nak_at is None:
+            start = max(now, self._last_nak + self._config.nak_interval)
+            self._nak_at = start + self._rng.uniform(0, self._config.nak_delay)
+        return p
+
+    def _forget_partial(self, obj: int) -> None:
+        if obj >= MANIFEST_BASE:
+            self._chunk_states[obj - MANIFEST_BASE] = NEEDED
+        else:
+            self._blocks[obj] = NEEDED
+        self._needed.add(obj, obj + 1)
+
+    def _complete(self, obj: int, p: Partial, states: bytearray, index: int, now: float) -> None:
+        del self._partials[obj]
+        if obj >= MANIFEST_BASE:
+            states[index] = RECEIVED
+            self._chunk_data[index] = bytes(p.buf)
+            if len(self._chunk_data) == len(self._chunk_states):
+                self._manifest_complete(now)
+            return
+        if self._unverified >= self._config.max_unverified_blocks:
+            # The shell is behind: drop, report it as loss, get it again later.
+            self._forget_partial(obj)
+            self._dropped_frags += p.count
+            self._counts["backlog_drops"] += 1
+            return
+        states[index] = RECEIVED
+        self._unverified += 1
+        self._counts["blocks_received"] += 1
+        if self.manifest is None:
+            self._early[obj] = bytes(p.buf)
+        else:
+            self._events.append(BlockReceived(obj, bytes(p.buf)))
+
+    # -- manifest -------------------------------------------------------------------------
+
+    def _manifest_complete(self, now: float) -> None:
+        assert self._announce is not None
+        data = b"".join(self._chunk_data[k] for k in range(len(self._chunk_states)))
+        self._chunk_data.clear()
+        a = self._announce
+        if hashlib.sha256(data).digest() != a.digest:
+            self.fail(now, "the manifest received does not match the announced digest")
+            return
+        try:
+            manifest = Manifest.from_bytes(data)
+        except ManifestError as exc:
+            self.fail(now, f"the sender's manifest is not valid: {exc}")
+            return
+        data_ranges = data_block_ranges(manifest)
+        if (manifest.block_count, manifest.block_size, len(data_ranges)) != (
+            a.block_count,
+            a.block_size,
+            a.data_blocks,
+        ):
+            self.fail(now, "the manifest disagrees with the session announcement")
+            return
+        self.manifest = manifest
+        self._data_total = len(data_ranges)
+        for i, kind in enumerate(manifest.kinds):
+            if kind:
+                self._blocks[i] = SKIP
+        self._needed = self._needed.intersection(data_ranges)
+        self._events.append(ManifestReceived(manifest, data))
+        for index in sorted(self._declared):
+            if 0 <= index < len(self._blocks) and self._blocks[index] in (NEEDED, PARTIAL):
+                self._partials.pop(index, None)
+                self._mark_verified(index)
+        self._declared.clear()
+        self._release_early()
+        self._check_all_verified()
+
+    def _release_early(self) -> None:
+        assert self.manifest is not None
+        for obj, payload in sorted(self._early.items()):
+            if self._blocks[obj] == RECEIVED and len(payload) == self.manifest.stored_sizes[obj]:
+                self._events.append(BlockReceived(obj, payload))
+                continue
+            self._counts["early_blocks_invalid"] += 1
+            self._unverified -= 1
+            if self._blocks[obj] == RECEIVED:
+                self._forget_partial(obj)
+        self._early.clear()
+
+    # -- progress -------------------------------------------------------------------------
+
+    def _require_received(self, index: int) -> None:
+        if not 0 <= index < len(self._blocks) or self._blocks[index] != RECEIVED:
+            raise ValueError(f"block {index} was not handed out by BlockReceived (or was settled)")
+
+    def _mark_verified(self, index: int) -> None:
+        assert self.manifest is not None
+        self._blocks[index] = VERIFIED
+        self._needed.discard(index, index + 1)
+        self._verified += 1
+        length = self.manifest.block_length(index)
+        self._bytes_done += length
+        self._bytes_since += length
+
+    def _check_all_verified(self) -> None:
+        if (
+            self._state is ReceiverState.RECEIVING
+            and self.manifest is not None
+            and self._verified == self._data_total
+        ):
+            self._set_state(ReceiverState.VERIFIED)
+            self._nak_at = None
+            self._events.append(AllBlocksVerified())
+
+    # -- sending --------------------------------------------------------------------------
+
+    def _jitter(self, interval: float) -> float:
+        return interval * self._rng.uniform(0.75, 1.25)
+
+    def _send(self, ptype: PacketType, body: bytes) -> None:
+        assert self._sender is not None
+        hdr = wire.Header(ptype, self._session, self.receiver_id, self._instance, self._seq)
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        data = wire.seal(self._key, hdr, body)
+        self._out.append(Transmit(data, len(data), self._sender))
+
+    def _capacity(self, fixed: int) -> int:
+        assert self._announce is not None
+        size = min(self._config.payload_size, self._announce.payload_size)
+        return size - wire.HEADER.size - wire.TAG_SIZE - fixed
+
+    def _send_join(self, now: float) -> None:
+        if now >= self._join_deadline:
+            # Nobody answers: a dead or replayed session. Forget it and listen again (§3.1).
+            self._counts["join_timeouts"] += 1
+            self._ignored.add((self._session, self._sender_instance))
+            self._next_join = None
+            self._set_state(ReceiverState.LISTENING)
+            return
+        have = RangeSet.from_values(self._declared)
+        ranges, _ = wire.encode_ranges(list(have), self._capacity(wire.JOIN.size))
+        self._send(PacketType.JOIN, wire.encode_join(wire.JOIN_NEED_MANIFEST, ranges))
+        self._counts["joins_sent"] += 1
+        self._next_join = now + self._jitter(self._join_interval)
+        self._join_interval = min(2 * self._join_interval, self._config.control_retry_max)
+
+    def _send_naks(self, now: float) -> None:
+        cfg = self._config
+        due = [
+            (obj, p)
+            for obj, p in self._partials.items()
+            if (p.passed or now - p.last_rx >= cfg.nak_idle) and now - p.naked_at >= cfg.nak_repeat
+        ]
+        if due:
+            due.sort(key=lambda item: item[0])
+            for body in nak_bodies(due, self._capacity(0)):
+                self._send(PacketType.NAK, body)
+                self._counts["naks_sent"] += 1
+            for _obj, p in due:
+                p.naked_at = now
+            self._last_nak = now
+        self._nak_at = now + self._jitter(cfg.nak_interval) if self._partials else None
+
+    def _send_status(self, now: float) -> None:
+        expected = (self._max_seq - self._status_seq_base) & 0xFFFFFFFF
+        lost = max(0, expected - self._rx_since) + self._dropped_frags
+        loss = min(1.0, lost / expected) if expected else 0.0
+        elapsed = max(now - self._last_status_at, 1e-6)
+        write_bps = int(self._bytes_since / elapsed)
+        self._status_seq_base, self._rx_since, self._dropped_frags = self._max_seq, 0, 0
+        self._bytes_since, self._last_status_at = 0, now
+        ranges = self._needed.ranges_from(self._span_next)
+        encoded, used = wire.encode_ranges(ranges, self._capacity(wire.STATUS.size))
+        span_start = self._span_next
+        span_end = 0 if used == len(ranges) else ranges[used][0]
+        self._span_next = span_end
+        status = wire.Status(
+            self._verified,
+            max(self._data_total, self._verified),
+            self._bytes_done,
+            loss,
+            write_bps,
+            self._unverified,
+            0,
+            span_start,
+            span_end,
+            [],
+        )
+        self._send(PacketType.STATUS, wire.encode_status(status, encoded))
+        self._counts["status_sent"] += 1
+        self._next_status = now + self._jitter(self._config.status_interval)
+
+    def _send_control(self, now: float) -> None:
+        if now >= self._control_deadline:
+            if self._state is ReceiverState.DONE_WAIT:
+                self._abort(
+                    "every block is verified and durable, but the sender never acknowledged "
+                    f"DONE in {self._config.control_timeout:.0f} s",
+                    "unacknowledged",
+                )
+            else:
+                self._close()
+            return
+        if self._state is ReceiverState.DONE_WAIT:
+            self._send(PacketType.DONE, wire.encode_done(self._verified, self._bytes_done))
+        elif self._state is ReceiverState.LEAVING and self._leave is not None:
+            code, text, need_ack = self._leave
+            self._send(PacketType.LEAVE, wire.encode_leave(code, text))
+            self._leave_repeats -= 1
+            if not need_ack and self._leave_repeats <= 0:
+                self._close()
+                return
+        self._next_control = now + self._control_interval
+        self._control_interval = min(2 * self._control_interval, self._config.control_retry_max)
+
+
+ReceiverSession._HANDLERS = {
+    PacketType.ANNOUNCE: ReceiverSession._on_announce,
+    PacketType.JOIN_ACK: ReceiverSession._on_join_ack,
+    PacketType.DONE_ACK: ReceiverSession._on_done_ack,
+    PacketType.LEAVE_ACK: ReceiverSession._on_leave_ack,
+    PacketType.EVICT: ReceiverSession._on_evict,
+    PacketType.ABORT: ReceiverSession._on_abort,
+}

@@ -1,0 +1,722 @@
+"""The sender's state machine: no I/O, time is a parameter (docs/PROTOCOL.md).
+
+A shell feeds it datagrams (``receive_datagram``), sends what ``datagrams_to_send``
+returns, calls ``handle_timer`` at ``get_timer()``, and drains ``next_event``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+from protocol import wire
+from protocol.config import EngineConfig
+from protocol.events import (
+    Event,
+    ReceiverCompleted,
+    ReceiverEvicted,
+    ReceiverFailed,
+    ReceiverJoined,
+    ReceiverLeft,
+    ReceiverProgress,
+    SessionEnded,
+    TransferStarted,
+)
+from protocol.manifest import BlockKind, Manifest
+from protocol.members import Member, MemberState, ReplayWindow
+from protocol.pacing import Pacer
+from protocol.rangeset import RangeSet
+from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, PacketType, Transmit, WireError
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.05
+SWEEP_SCAN_LIMIT = 4096
+
+
+class SenderState(Enum):
+    """§3: waiting for receivers, transferring, lingering after the end, ended."""
+
+    WAITING = "waiting"
+    TRANSFERRING = "transferring"
+    ENDING = "ending"
+    ENDED = "ended"
+
+
+_TRANSITIONS: dict[SenderState, frozenset[SenderState]] = {
+    SenderState.WAITING: frozenset({SenderState.TRANSFERRING, SenderState.ENDING}),
+    SenderState.TRANSFERRING: frozenset({SenderState.ENDING}),
+    SenderState.ENDING: frozenset({SenderState.ENDED}),
+    SenderState.ENDED: frozenset(),
+}
+
+_ANNOUNCE_STATE = {
+    SenderState.WAITING: wire.AnnounceState.WAITING,
+    SenderState.TRANSFERRING: wire.AnnounceState.TRANSFERRING,
+    SenderState.ENDING: wire.AnnounceState.ENDING,
+    SenderState.ENDED: wire.AnnounceState.ENDING,
+}
+
+
+def _mask_to_list(mask: int) -> list[int]:
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
+
+
+def data_block_ranges(manifest: Manifest) -> RangeSet:
+    """The DATA blocks of ``manifest`` as a RangeSet."""
+    return RangeSet.from_values(i for i, k in enumerate(manifest.kinds) if k == BlockKind.DATA)
+
+
+class SenderSession:
+    """One multicast session from the sender's side (PROTOCOL.md §3-§7)."""
+
+    def __init__(
+        self,
+        *,
+        session_id: int,
+        key: bytes,
+        manifest_bytes: bytes,
+        read_block: Callable[[int], bytes],
+        config: EngineConfig,
+        now: float,
+        rng: random.Random,
+        min_receivers: int = 1,
+        max_wait: float | None = None,
+    ) -> None:
+        """Raises ValueError (ManifestError) for a bad session id, key or manifest."""
+        if not 0 < session_id < 1 << 32:
+            raise ValueError(f"session id {session_id} must be between 1 and 2**32-1")
+        if len(key) < 16:
+            raise ValueError("the session key must be at least 16 bytes (32 from a key file)")
+        if min_receivers < 1:
+            raise ValueError("min_receivers must be at least 1")
+        self.manifest = Manifest.from_bytes(manifest_bytes)
+        self._manifest_bytes = bytes(manifest_bytes)
+        self._key = key
+        self._session_id = session_id
+        self._read_block = read_block
+        self._config = config
+        self._rng = rng
+        self._min_receivers = min_receivers
+        self._max_wait = max_wait
+        self._instance = rng.randrange(1, 1 << 32)
+        self._seq = 0
+        self._state = SenderState.WAITING
+        self._outcome = ""
+        self._outcome_reason = ""
+        self._started_at = now
+        self._transfer_started_at: float | None = None
+        self._end_at = 0.0
+        self._now = now
+        self._fp = config.fragment_payload
+        self._data = data_block_ranges(self.manifest)
+        self._chunks = max(1, -(-len(manifest_bytes) // MANIFEST_CHUNK))
+        self._objects = self._data.copy()
+        self._objects.add(MANIFEST_BASE, MANIFEST_BASE + self._chunks)
+        self._digest = hashlib.sha256(manifest_bytes).digest()
+        self._members: dict[int, Member] = {}
+        self._old_instances: dict[int, set[int]] = {}
+        self._events: deque[Event] = deque()
+        self._control: list[Transmit] = []
+        self._pending: deque[Transmit] = deque()
+        self._repairs: dict[int, int] = {}
+        self._recent_repairs: dict[int, tuple[float, int]] = {}
+        self._swept: dict[int, float] = {}
+        self._ever_sent: set[int] = set()
+        self._cursor = 0
+        self._passes = 0
+        self._idle_until: float | None = None
+        self._blocked = False
+        self._pacer = Pacer(config, now)
+        self._next_announce = now
+        self._next_poll = now
+        self._next_rate = now + config.rate_interval
+        self._last_rate_update = now
+        self._last_completion: float | None = None
+        self._aborts_left = 0
+        self._next_abort = 0.0
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._dropped: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def state(self) -> SenderState:
+        return self._state
+
+    @property
+    def finished(self) -> bool:
+        """True once the session has ended (after the linger time)."""
+        return self._state is SenderState.ENDED
+
+    @property
+    def rate_bps(self) -> int | None:
+        """The pacer's current rate; None when unpaced."""
+        return self._pacer.rate_bps
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counters: datagrams/bytes sent, retransmissions, NAKs, drops, per receiver."""
+        return {
+            "state": self._state.value,
+            "outcome": self._outcome,
+            "rate_bps": self._pacer.rate_bps,
+            "passes": self._passes,
+            **dict(self._counts),
+            "dropped": dict(self._dropped),
+            "receivers": {rid: m.summary() for rid, m in self._members.items()},
+        }
+
+    def receive_datagram(self, data: bytes | memoryview, addr: tuple[str, int], now: float) -> None:
+        """Handle one datagram from the network; never raises on bad input (§2.2)."""
+        self._now = now
+        self._counts["datagrams_received"] += 1
+        try:
+            self._receive(data, addr, now)
+        except WireError as exc:
+            self._dropped[exc.reason] += 1
+        except Exception:  # a bug must not kill the session; the fuzz test keeps this at 0
+            logger.exception("session %08x: internal error on a datagram", self._session_id)
+            self._dropped["internal_error"] += 1
+
+    def datagrams_to_send(self, now: float) -> list[Transmit]:
+        """Control datagrams, then as much data as the pacer allows at ``now``."""
+        self._now = now
+        self._poll(now)
+        out = self._control
+        self._control = []
+        if now >= self._next_announce and self._state is not SenderState.ENDED:
+            out.append(self._announce())
+            waiting = self._state is SenderState.WAITING
+            interval = self._config.waiting_announce_interval if waiting else 0
+            self._next_announce = now + (interval or self._config.announce_interval)
+        if self._aborts_left and now >= self._next_abort:
+            out.append(self._multicast(PacketType.ABORT, wire.encode_abort(self._outcome_reason)))
+            self._aborts_left -= 1
+            self._next_abort = now + self._config.linger / max(1, self._config.abort_repeats)
+        for t in out:
+            self._pacer.consume(len(t.data))
+        out.extend(self._data_transmits(now))
+        for t in out:
+            self._counts["datagrams_sent"] += t.count
+            self._counts["bytes_sent"] += len(t.data)
+        return out
+
+    def get_timer(self) -> float | None:
+        """The absolute time at which handle_timer must next be called; None when ended."""
+        if self._state is SenderState.ENDED:
+            return None
+        times = [self._next_announce, self._next_poll]
+        if self._state is SenderState.ENDING:
+            times.append(self._end_at)
+        if self._aborts_left:
+            times.append(self._next_abort)
+        if self._blocked:
+            times.append(self._pacer.ready_at(self._now))
+        elif self._idle_until is not None:
+            times.append(self._idle_until)
+        return min(times)
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever is due at ``now`` (start rule, evictions, rate, end)."""
+        self._now = now
+        self._poll(now)
+
+    def next_event(self) -> Event | None:
+        """The oldest event not yet taken, or None."""
+        return self._events.popleft() if self._events else None
+
+    def close(self, now: float, reason: str) -> None:
+        """Abort the session: tell the receivers (ABORT) and end after the linger time."""
+        if self._state in (SenderState.ENDING, SenderState.ENDED):
+            return
+        self._outcome_reason = reason
+        self._aborts_left = max(1, self._config.abort_repeats)
+        self._next_abort = now
+        for m in self._members.values():
+            if m.active:
+                m.state = MemberState.LEFT
+                m.reason = f"session aborted: {reason}"
+                m.ended_at = now
+        self._end(now, "aborted")
+
+    # -- state ----------------------------------------------------------------------------
+
+    def _set_state(self, new: SenderState) -> None:
+        if new not in _TRANSITIONS[self._state]:
+            raise AssertionError(f"sender transition {self._state} -> {new} is not allowed")
+        logger.debug("session %08x: %s -> %s", self._session_id, self._state.value, new.value)
+        self._state = new
+
+    def _end(self, now: float, outcome: str) -> None:
+        self._outcome = outcome
+        self._end_at = now + self._config.linger
+        self._next_announce = now
+        self._set_state(SenderState.ENDING)
+
+    def _poll(self, now: float) -> None:
+        if self._state is SenderState.ENDING and now >= self._end_at:
+            self._set_state(SenderState.ENDED)
+            self._events.append(SessionEnded(self._outcome, self._summary(now)))
+            return
+        if now < self._next_poll:
+            return
+        self._next_poll = now + POLL_INTERVAL
+        self._send_evictions(now)
+        if self._state is SenderState.WAITING:
+            self._check_start(now)
+        if self._state in (SenderState.WAITING, SenderState.TRANSFERRING):
+            self._check_members(now)
+            self._check_end(now)
+        if now >= self._next_rate:
+            self._next_rate = now + self._config.rate_interval
+            self._update_rate(now)
+
+    def _check_start(self, now: float) -> None:
+        ok = (MemberState.ACTIVE, MemberState.COMPLETED)
+        joined = sum(1 for m in self._members.values() if m.state in ok)
+        waited = self._max_wait is not None and now - self._started_at >= self._max_wait
+        if joined >= self._min_receivers or (waited and joined > 0):
+            self._transfer_started_at = now
+            self._set_state(SenderState.TRANSFERRING)
+            self._next_announce = now
+            self._events.append(TransferStarted(joined))
+        elif waited:
+            self._end(now, "no-receivers")
+
+    def _check_end(self, now: float) -> None:
+        if self._state is not SenderState.TRANSFERRING:
+            return
+        if any(m.active for m in self._members.values()):
+            return
+        states = [m.state for m in self._members.values()]
+        if not states:
+            outcome = "no-receivers"
+        elif all(s is MemberState.COMPLETED for s in states):
+            outcome = "completed"
+        else:
+            outcome = "partial"
+        self._end(now, outcome)
+
+    def _check_members(self, now: float) -> None:
+        cfg = self._config
+        grace = cfg.straggler_grace
+        if self._last_completion is not None and self._transfer_started_at is not None:
+            grace = max(grace, self._last_completion - self._transfer_started_at)
+        for m in list(self._members.values()):
+            if not m.active:
+                continue
+            if now - m.last_heard > cfg.receiver_timeout:
+                self._evict(m, now, f"silent: nothing heard for {now - m.last_heard:.1f} s")
+            elif self._last_completion is not None and (
+                now > max(self._last_completion, m.joined_at) + grace
+            ):
+                self._evict(
+                    m,
+                    now,
+                    f"straggler: still {len(m.missing)} objects short {grace:.0f} s after "
+                    "the others completed",
+                )
+
+    def _update_rate(self, now: float) -> None:
+        fresh = now - 2 * self._config.status_interval
+        reports = [
+            m
+            for m in self._members.values()
+            if m.active and m.last_status_time >= fresh and m.blocks_done < m.blocks_total
+        ]
+        if any(m.last_status_time > self._last_rate_update for m in reports):
+            self._pacer.adjust(now, [m.loss for m in reports])
+            self._last_rate_update = now
+
+    def _evict(self, m: Member, now: float, reason: str) -> None:
+        m.state = MemberState.EVICTED
+        m.reason = reason
+        m.ended_at = now
+        m.evict_next = now
+        m.evict_interval = self._config.control_retry
+        m.evict_deadline = now + self._config.control_timeout
+        self._counts["evictions"] += 1
+        logger.info(
+            "session %08x: evicting receiver %08x: %s", self._session_id, m.receiver_id, reason
+        )
+        self._events.append(ReceiverEvicted(m.receiver_id, reason))
+        self._check_end(now)
+
+    def _send_evictions(self, now: float) -> None:
+        for m in self._members.values():
+            if m.evict_next is None or now < m.evict_next:
+                continue
+            if now > m.evict_deadline:
+                m.evict_next = None
+                continue
+            body = wire.encode_targeted(m.receiver_id, m.instance, m.reason)
+            self._control.append(self._multicast(PacketType.EVICT, body))
+            m.evict_next = now + m.evict_interval
+            m.evict_interval = min(2 * m.evict_interval, self._config.control_retry_max)
+
+    # -- receiving ------------------------------------------------------------------------
+
+    def _receive(self, data: bytes | memoryview, addr: tuple[str, int], now: float) -> None:
+        hdr, body = wire.open_datagram(self._key, data)
+        if hdr.type not in wire.RECEIVER_TYPES:
+            known = hdr.type in PacketType._value2member_map_
+            raise WireError("unexpected_type" if known else "bad_type")
+        if hdr.session != self._session_id:
+            raise WireError("foreign_session")
+        if hdr.source == 0:
+            raise WireError("invalid", "receiver id 0")
+        member = self._members.get(hdr.source)
+        if member is None or member.instance != hdr.instance:
+            if hdr.instance in self._old_instances.get(hdr.source, ()):
+                raise WireError("replayed", "an old instance of this receiver")
+            if hdr.type != PacketType.JOIN:
+                raise WireError("unknown_receiver")
+            self._on_new_join(hdr, wire.decode_join(body), addr, now)
+            return
+        if not member.replay.accept(hdr.seq):
+            raise WireError("replayed")
+        member.last_heard = now
+        member.addr = addr
+        msg = wire.DECODERS[hdr.type](body)
+        self._HANDLERS[hdr.type](self, member, hdr, msg, now)
+
+    def _on_new_join(
+        self, hdr: wire.Header, join: wire.Join, addr: tuple[str, int], now: float
+    ) -> None:
+        refusal = ""
+        active = sum(1 for m in self._members.values() if m.active)
+        if self._state in (SenderState.ENDING, SenderState.ENDED):
+            refusal = "the session is ending"
+        elif active >= self._config.max_receivers:
+            refusal = f"the session is full ({active} receivers)"
+        if refusal:
+            self._counts["joins_refused"] += 1
+            body = wire.encode_join_ack(hdr.source, hdr.instance, True, refusal)
+            self._control.append(self._multicast(PacketType.JOIN_ACK, body))
+            return
+        old = self._members.get(hdr.source)
+        if old is not None:
+            self._old_instances.setdefault(hdr.source, set()).add(old.instance)
+        missing = self._data.difference(RangeSet(join.have))
+        if join.flags & wire.JOIN_NEED_MANIFEST:
+            missing.add(MANIFEST_BASE, MANIFEST_BASE + self._chunks)
+        m = Member(
+            receiver_id=hdr.source,
+            instance=hdr.instance,
+            addr=addr,
+            joined_at=now,
+            missing=missing,
+            replay=ReplayWindow(hdr.seq),
+            last_heard=now,
+            blocks_total=len(self._data),
+        )
+        m.blocks_done = m.blocks_total - len(missing.intersection(self._data))
+        self._members[hdr.source] = m
+        self._counts["joins"] += 1
+        self._events.append(ReceiverJoined(hdr.source, addr))
+        self._reply_join(m)
+
+    def _reply_join(self, m: Member) -> None:
+        refused = m.state in (MemberState.EVICTED, MemberState.FAILED, MemberState.LEFT)
+        text = m.reason if refused else ""
+        body = wire.encode_join_ack(m.receiver_id, m.instance, refused, text)
+        self._control.append(self._multicast(PacketType.JOIN_ACK, body))
+
+    def _on_join(self, m: Member, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        self._reply_join(m)
+
+    def _on_nak(self, m: Member, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        assert isinstance(msg, wire.Nak)
+        if not m.active:
+            raise WireError("inactive_receiver")
+        for obj, run, mask in msg.entries:
+            self._check_nak_entry(obj, run, mask)
+        m.naks += 1
+        self._counts["naks_received"] += 1
+        for obj, run, mask in msg.entries:
+            if run:
+                wanted = RangeSet([(obj, obj + run)]).intersection(self._objects)
+                for s, e in wanted:
+                    m.missing.add(s, e)
+                continue
+            count = m.object_naks.get(obj, 0) + 1
+            m.object_naks[obj] = count
+            recent = self._recent_repairs.get(obj)
+            if recent is not None and now - recent[0] < self._config.repair_holdoff:
+                mask &= ~recent[1]
+            if mask:
+                self._repairs[obj] = self._repairs.get(obj, 0) | mask
+            if count > self._config.max_object_naks:
+                self._evict(
+                    m, now, f"cannot keep up: object {obj} still incomplete after {count} NAKs"
+                )
+                return
+
+    def _check_nak_entry(self, obj: int, run: int, mask: int) -> None:
+        if run:
+            if obj + run > 1 << 32:
+                raise WireError("invalid", "nak run beyond the object space")
+            return
+        if obj not in self._objects:
+            raise WireError("invalid", f"nak for object {obj} that is not sent")
+        if mask.bit_length() > self._fragments(obj):
+            raise WireError("invalid", f"nak for a fragment beyond object {obj}")
+
+    def _on_status(self, m: Member, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        assert isinstance(msg, wire.Status)
+        if hdr.seq <= m.last_status_seq:
+            raise WireError("stale_status")
+        m.last_status_seq = hdr.seq
+        if not m.active:
+            return
+        end = msg.span_end or 1 << 32
+        reported = RangeSet(msg.missing).intersection(self._objects)
+        m.missing.replace_span(msg.span_start, end, reported)
+        m.last_status_time = now
+        m.loss = msg.loss
+        m.blocks_done = min(msg.blocks_done, m.blocks_total)
+        m.bytes_done = msg.bytes_done
+        m.write_bps = msg.write_bps
+        m.backlog = msg.backlog
+        self._events.append(
+            ReceiverProgress(
+                m.receiver_id,
+                m.blocks_done,
+                m.blocks_total,
+                m.bytes_done,
+                m.loss,
+                m.naks,
+                m.write_bps,
+                m.backlog,
+            )
+        )
+
+    def _on_done(self, m: Member, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        assert isinstance(msg, wire.Done)
+        if m.state is MemberState.EVICTED:
+            m.evict_next = now  # tell it again
+            return
+        if m.active:
+            m.state = MemberState.COMPLETED
+            m.ended_at = now
+            m.blocks_done = m.blocks_total
+            m.bytes_done = msg.bytes_done
+            m.missing = RangeSet()
+            self._last_completion = now
+            self._counts["completions"] += 1
+            self._events.append(ReceiverCompleted(m.receiver_id))
+        if m.state is MemberState.COMPLETED:
+            body = wire.encode_targeted(m.receiver_id, m.instance)
+            self._control.append(self._multicast(PacketType.DONE_ACK, body))
+        self._check_end(now)
+
+    def _on_leave(self, m: Member, hdr: wire.Header, msg: wire.Message, now: float) -> None:
+        assert isinstance(msg, wire.Leave)
+        if msg.code == wire.LeaveCode.EVICTED_ACK:
+            m.evict_next = None
+        elif m.active:
+            failed = msg.code == wire.LeaveCode.FAILED
+            m.state = MemberState.FAILED if failed else MemberState.LEFT
+            m.reason = msg.text or ("failed" if failed else "left")
+            m.ended_at = now
+            event = ReceiverFailed if failed else ReceiverLeft
+            self._events.append(event(m.receiver_id, m.reason))
+        body = wire.encode_targeted(m.receiver_id, m.instance)
+        self._control.append(self._multicast(PacketType.LEAVE_ACK, body))
+        self._check_end(now)
+
+    _HANDLERS: dict[int, Callable[[SenderSession, Member, wire.Header, wire.Message, float], None]]
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def _next_seq(self, n: int = 1) -> int:
+        seq = self._seq
+        self._seq = (self._seq + n) & 0xFFFFFFFF
+        return seq
+
+    def _multicast(self, ptype: PacketType, body: bytes) -> Transmit:
+        hdr = wire.Header(ptype, self._session_id, 0, self._instance, self._next_seq())
+        data = wire.seal(self._key, hdr, body)
+        return Transmit(data, len(data), None)
+
+    def _announce(self) -> Transmit:
+        m = self.manifest
+        rate = self._pacer.rate_bps or 0
+        body = wire.encode_announce(
+            wire.Announce(
+                digest=self._digest,
+                manifest_size=len(self._manifest_bytes),
+                block_count=m.block_count,
+                data_blocks=len(self._data),
+                block_size=m.block_size,
+                payload_size=self._config.payload_size,
+                state=_ANNOUNCE_STATE[self._state],
+                flags=0,
+                rate_bps=rate,
+                data_bytes=m.stored_bytes,
+            )
+        )
+        self._counts["announces"] += 1
+        return self._multicast(PacketType.ANNOUNCE, body)
+
+    def _data_transmits(self, now: float) -> list[Transmit]:
+        out: list[Transmit] = []
+        self._blocked = False
+        self._idle_until = None
+        if self._state not in (SenderState.WAITING, SenderState.TRANSFERRING):
+            self._pending.clear()
+            return out
+        limit = None if self._pacer.paced else self._config.max_transmits_per_call
+        while True:
+            if not self._pending and not self._fill(now):
+                return out
+            if not self._pacer.ready(now):
+                self._blocked = True
+                return out
+            if limit is not None and len(out) >= limit:
+                self._blocked = True
+                return out
+            t = self._pending.popleft()
+            self._pacer.consume(len(t.data))
+            out.append(t)
+
+    def _fill(self, now: float) -> bool:
+        """Queue the next object's Transmits (§4.2 order); False when there is nothing."""
+        if self._repairs:
+            repair = min(self._repairs)
+            mask = self._repairs.pop(repair)
+            self._recent_repairs[repair] = (now, mask)
+            self._queue_object(repair, _mask_to_list(mask), wire.FLAG_REPAIR)
+            return True
+        obj = self._next_manifest_chunk(now)
+        if obj is None and self._state is SenderState.TRANSFERRING:
+            obj = self._next_sweep_object(now)
+        if obj is None:
+            return False
+        self._swept[obj] = now
+        self._queue_object(obj, range(self._fragments(obj)), 0)
+        return True
+
+    def _next_manifest_chunk(self, now: float) -> int | None:
+        holdoff = self._config.sweep_holdoff
+        for k in range(self._chunks):
+            obj = MANIFEST_BASE + k
+            sent = self._swept.get(obj)
+            if sent is not None and now < sent + holdoff:
+                self._note_wakeup(sent + holdoff)
+                continue
+            if any(m.active and obj in m.missing for m in self._members.values()):
+                return obj
+        return None
+
+    def _next_sweep_object(self, now: float) -> int | None:
+        holdoff = self._config.sweep_holdoff
+        active = [m.missing for m in self._members.values() if m.active]
+        cursor = self._cursor
+        wrapped = False
+        for _ in range(SWEEP_SCAN_LIMIT):
+            candidates = [n for n in (s.next_at_or_after(cursor) for s in active) if n is not None]
+            best = min((n for n in candidates if n < MANIFEST_BASE), default=None)
+            if best is None:
+                if wrapped or cursor == 0:
+                    return None
+                cursor, wrapped = 0, True
+                continue
+            sent = self._swept.get(best)
+            if sent is not None and now < sent + holdoff:
+                self._note_wakeup(sent + holdoff)
+                cursor = best + 1
+                continue
+            if wrapped:
+                self._passes += 1
+            self._cursor = best + 1
+            return best
+        self._note_wakeup(now + POLL_INTERVAL)
+        return None
+
+    def _note_wakeup(self, t: float) -> None:
+        if self._idle_until is None or t < self._idle_until:
+            self._idle_until = t
+
+    def _fragments(self, obj: int) -> int:
+        return -(-self._object_size(obj) // self._fp)
+
+    def _object_size(self, obj: int) -> int:
+        if obj >= MANIFEST_BASE:
+            k = obj - MANIFEST_BASE
+            return min(MANIFEST_CHUNK, len(self._manifest_bytes) - k * MANIFEST_CHUNK)
+        return int(self.manifest.stored_sizes[obj])
+
+    def _payload(self, obj: int) -> bytes:
+        if obj >= MANIFEST_BASE:
+            k = obj - MANIFEST_BASE
+            return self._manifest_bytes[k * MANIFEST_CHUNK : (k + 1) * MANIFEST_CHUNK]
+        cached = self._cache.get(obj)
+        if cached is not None:
+            self._cache.move_to_end(obj)
+            return cached
+        payload = self._read_block(obj)
+        expected = self.manifest.stored_sizes[obj]
+        if len(payload) != expected:
+            raise ValueError(
+                f"the image store returned {len(payload)} bytes for block {obj}, the manifest "
+                f"says {expected}: the stored image is damaged; re-import it"
+            )
+        self._cache[obj] = payload
+        if len(self._cache) > self._config.block_cache:
+            self._cache.popitem(last=False)
+        return payload
+
+    def _queue_object(self, obj: int, frags: range | list[int], flags: int) -> None:
+        payload = self._payload(obj)
+        per = self._config.segments_per_transmit
+        seg = self._config.payload_size
+        hdr = (self._session_id, 0, self._instance, 0)
+        repeat = obj in self._ever_sent and not flags
+        self._ever_sent.add(obj)
+        for i in range(0, len(frags), per):
+            chunk = frags[i : i + per]
+            seq = self._next_seq(len(chunk))
+            data = wire.pack_fragments(self._key, hdr, seq, obj, payload, chunk, self._fp, flags)
+            self._pending.append(Transmit(data, seg if len(chunk) > 1 else len(data), None))
+            key = (
+                "repair_datagrams" if flags else "resweep_datagrams" if repeat else "data_datagrams"
+            )
+            self._counts[key] += len(chunk)
+
+    def _summary(self, now: float) -> dict[str, Any]:
+        states = Counter(m.state.value for m in self._members.values())
+        return {
+            "outcome": self._outcome,
+            "duration": round(now - self._started_at, 3),
+            "receivers": len(self._members),
+            **{f"receivers_{k}": v for k, v in states.items()},
+            "datagrams_sent": self._counts["datagrams_sent"],
+            "bytes_sent": self._counts["bytes_sent"],
+            "repair_datagrams": self._counts["repair_datagrams"],
+            "resweep_datagrams": self._counts["resweep_datagrams"],
+            "naks_received": self._counts["naks_received"],
+            "passes": self._passes,
+            "per_receiver": {rid: m.summary() for rid, m in self._members.items()},
+        }
+
+
+SenderSession._HANDLERS = {
+    PacketType.JOIN: SenderSession._on_join,
+    PacketType.NAK: SenderSession._on_nak,
+    PacketType.STATUS: SenderSession._on_status,
+    PacketType.DONE: SenderSession._on_done,
+    PacketType.LEAVE: SenderSession._on_leave,
+}
