@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -142,6 +143,7 @@ class Receiver:
             out["blocks_refused"] = self.pipeline.blocks_refused
         out["verified_blocks"] = self._verified_blocks
         out["verified_bytes"] = self._verified_bytes
+        out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         return out
 
     # -- events -------------------------------------------------------------------------
@@ -315,6 +317,7 @@ def summary_line(target: str, outcome: Outcome, elapsed: float) -> str:
     sock = s.get("socket", {})
     return (
         f"{head}: {target}, {mib:.1f} MiB verified in {elapsed:.1f} s ({rate:.1f} MiB/s), "
+        f"peak RSS {s.get('peak_rss_mib', 0):.0f} MiB, "
         f"{sock.get('datagrams_in', 0)} datagrams in, {drops} dropped"
         + (f" {json.dumps(dropped, separators=(',', ':'))}" if dropped else "")
     )

@@ -7,6 +7,7 @@ file hashes to the image's SHA-256 (unused blocks read as zeros on a fresh file)
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from fleethelp import ROOT, BuiltImage, Fleet, file_sha256
+from fleethelp import ROOT, BuiltImage, Fleet, build_image, file_sha256
 
 from bench.lab import wait_until
 
@@ -148,3 +149,79 @@ def test_eight_receivers_with_loss_a_late_joiner_and_a_killed_one(
     assert time.monotonic() - started < 90
     counters = fleet.lab.nft_counters(nodes[1])  # the 2% loss really dropped datagrams
     assert re.search(r"counter packets [1-9]", counters), counters
+
+
+TWO_SESSIONS = """
+import asyncio, json, sys
+from pathlib import Path
+from protocol.keys import parse_key
+from server.images.store import ImageStore
+from server.multicast.run import SendOptions, SessionRunner
+
+async def main(specs):
+    runners = []
+    for data_dir, name, group, port, key_file in specs:
+        store = ImageStore(Path(data_dir) / "images")
+        manifest_bytes, manifest = store.load_manifest(name)
+        opts = SendOptions(group=group, port=port, iface="lab0",
+                           key=parse_key(Path(key_file).read_text()), max_wait=20)
+        runners.append(SessionRunner(name, manifest_bytes, manifest, store.read_block, opts))
+    reports = await asyncio.gather(*(r.run() for r in runners))
+    print(json.dumps([[r.outcome, r.count("completed"), len(r.receivers)] for r in reports]))
+
+asyncio.run(main(json.loads(sys.argv[1])))
+"""
+
+
+def test_two_sessions_in_one_event_loop_do_not_cross_talk(
+    make_fleet: Callable[..., Fleet], small_image: BuiltImage, tmp_path: Path
+) -> None:
+    other_disk = tmp_path / "other.img"
+    other_disk.write_bytes(os.urandom(3 << 20) + b"other" * 200_000)
+    other = build_image(tmp_path / "other-data", "other-image", other_disk)
+    fleet = make_fleet(small_image, 2)
+    key_b = tmp_path / "b.key"
+    key_b.write_text(os.urandom(32).hex())
+    group_b = fleet.group.rsplit(".", 1)[0] + ".251"  # same port, another group and key
+    r0, r1 = fleet.lab.receivers
+    p0 = fleet.receive(r0, tmp_path / "a.img")
+    p1 = fleet.lab.popen(
+        r1,
+        [
+            sys.executable,
+            "-m",
+            "fleetcast",
+            "receive",
+            "--target",
+            str(tmp_path / "b.img"),
+            "--group",
+            group_b,
+            "--port",
+            str(fleet.port),
+            "--iface",
+            "lab0",
+            "--key-file",
+            str(key_b),
+        ],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stderr=subprocess.PIPE,
+    )
+    specs = [
+        [str(small_image.data_dir), small_image.name, fleet.group, fleet.port, str(fleet.key_file)],
+        [str(other.data_dir), other.name, group_b, fleet.port, str(key_b)],
+    ]
+    sender = fleet.lab.popen(
+        fleet.lab.sender,
+        [sys.executable, "-c", TWO_SESSIONS, json.dumps(specs)],
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=str(ROOT),
+    )
+    out, _ = sender.communicate(timeout=60)
+    assert json.loads(out.splitlines()[-1]) == [["completed", 1, 1], ["completed", 1, 1]]
+    assert fleet.wait(p0, r0.name, 20) == RECEIVE_OK, fleet.log(r0.name)
+    assert p1.wait(timeout=20) == RECEIVE_OK
+    assert file_sha256(tmp_path / "a.img") == small_image.sha256
+    assert file_sha256(tmp_path / "b.img") == other.sha256
+    # Each receiver heard only its own group: nothing of the other session reached it.
+    assert not fleet.stats(r0)["session"]["dropped"].get("bad_tag")
