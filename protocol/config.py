@@ -52,7 +52,10 @@ class EngineConfig:
     """Auto mode: use the loss of the receiver at this quantile, not the worst one."""
 
     burst_bytes: int = 256 * 1024
-    """Token bucket depth of the pacer (bytes of UDP payload)."""
+    """Token bucket depth of the pacer (bytes of UDP payload), at most."""
+
+    burst_time: float = 0.005
+    """Token bucket depth as time at the current rate (the smaller depth wins)."""
 
     gso_max_bytes: int = 65000
     """At most this many bytes in one Transmit (Linux UDP GSO limit is ~64 KiB)."""

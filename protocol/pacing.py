@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from protocol.config import EngineConfig
 
+#: Debt below one byte counts as none, so float rounding cannot stall the pacer at its timer.
+_EPSILON = -1.0
+
 
 class Pacer:
     """A token bucket in UDP payload bytes, with an optional AIMD-style rate controller.
@@ -21,7 +24,7 @@ class Pacer:
         else:
             self.ceiling = cap
             self.rate_bps = cap
-        self._tokens = float(config.burst_bytes)
+        self._tokens = self._depth()
         self._stamp = now
         self._decrease_holdoff = now
         self.decreases = 0
@@ -36,16 +39,22 @@ class Pacer:
             return
         dt = now - self._stamp
         if dt > 0:
-            burst = float(self._config.burst_bytes)
-            self._tokens = min(burst, self._tokens + dt * self.rate_bps / 8.0)
+            self._tokens = min(self._depth(), self._tokens + dt * self.rate_bps / 8.0)
             self._stamp = now
+
+    def _depth(self) -> float:
+        cfg = self._config
+        if self.rate_bps is None:
+            return 0.0
+        by_time = self.rate_bps / 8.0 * cfg.burst_time
+        return float(max(cfg.payload_size, min(cfg.burst_bytes, by_time)))
 
     def ready(self, now: float) -> bool:
         """True when a Transmit may go at ``now`` (the bucket is not in debt)."""
         if self.rate_bps is None:
             return True
         self._refill(now)
-        return self._tokens >= 0.0
+        return self._tokens > _EPSILON
 
     def consume(self, nbytes: int) -> None:
         """Charge a Transmit of ``nbytes`` UDP payload bytes (may go into debt)."""
@@ -57,7 +66,7 @@ class Pacer:
         if self.rate_bps is None:
             return now
         self._refill(now)
-        if self._tokens >= 0.0:
+        if self._tokens > _EPSILON:
             return now
         return now + (-self._tokens * 8.0) / self.rate_bps
 

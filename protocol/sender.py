@@ -196,15 +196,15 @@ class SenderSession:
         self._poll(now)
         out = self._control
         self._control = []
+        if self._aborts_left and now >= self._next_abort:
+            out.append(self._multicast(PacketType.ABORT, wire.encode_abort(self._outcome_reason)))
+            self._aborts_left -= 1
+            self._next_abort = now + self._config.linger / max(1, self._config.abort_repeats)
         if now >= self._next_announce and self._state is not SenderState.ENDED:
             out.append(self._announce())
             waiting = self._state is SenderState.WAITING
             interval = self._config.waiting_announce_interval if waiting else 0
             self._next_announce = now + (interval or self._config.announce_interval)
-        if self._aborts_left and now >= self._next_abort:
-            out.append(self._multicast(PacketType.ABORT, wire.encode_abort(self._outcome_reason)))
-            self._aborts_left -= 1
-            self._next_abort = now + self._config.linger / max(1, self._config.abort_repeats)
         for t in out:
             self._pacer.consume(len(t.data))
         out.extend(self._data_transmits(now))
@@ -352,6 +352,7 @@ class SenderSession:
             "session %08x: evicting receiver %08x: %s", self._session_id, m.receiver_id, reason
         )
         self._events.append(ReceiverEvicted(m.receiver_id, reason))
+        self._send_evictions(now)  # before any ENDING announce, so it learns why
         self._check_end(now)
 
     def _send_evictions(self, now: float) -> None:

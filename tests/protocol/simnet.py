@@ -44,6 +44,8 @@ class Link:
     reorder: float = 0.0  #: chance of an extra delay of up to 5 ms
     corrupt: float = 0.0
     delay: float = 0.0002
+    capacity_bps: float | None = None  #: a bottleneck: datagrams queue, then drop
+    buffer_bytes: int = 256 << 10  #: queue (switch port / socket buffer) of the bottleneck
 
 
 @dataclass
@@ -111,6 +113,7 @@ class SimReceiver:
     manifest: Manifest | None = None
     events: list[Any] = field(default_factory=list)
     verify_busy_until: float = 0.0
+    finished_at: float | None = None  #: when Completed / Evicted / SessionAborted came
 
     @property
     def alive(self) -> bool:
@@ -155,6 +158,8 @@ class SimNet:
         self.receivers: dict[str, SimReceiver] = {}
         self.reads = 0
         self.sent_to_group = 0
+        self._queue_free: dict[str, float] = {}
+        self.queue_drops = 0
 
     # -- setup --------------------------------------------------------------------------
 
@@ -191,10 +196,21 @@ class SimNet:
 
     # -- network --------------------------------------------------------------------------
 
-    def _deliver(self, link: Link, data: bytes, fn: Callable[[bytes], None]) -> None:
+    def _deliver(
+        self, link: Link, data: bytes, fn: Callable[[bytes], None], queue: str = ""
+    ) -> None:
         rng = self.rng
         if rng.random() < link.drop:
             return
+        queued = 0.0
+        if link.capacity_bps is not None:
+            free = max(self.now, self._queue_free.get(queue, 0.0))
+            if (free - self.now) * link.capacity_bps / 8 > link.buffer_bytes:
+                self.queue_drops += 1
+                return
+            free += len(data) * 8 / link.capacity_bps
+            self._queue_free[queue] = free
+            queued = free - self.now
         copies = 2 if rng.random() < link.dup else 1
         for _ in range(copies):
             d = data
@@ -202,7 +218,7 @@ class SimNet:
                 b = bytearray(d)
                 b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
                 d = bytes(b)
-            delay = link.delay
+            delay = link.delay + queued
             if link.reorder and rng.random() < link.reorder:
                 delay += rng.uniform(0, 0.005)
             self.at(self.now + delay, lambda d=d: fn(d))  # type: ignore[misc]
@@ -218,7 +234,7 @@ class SimNet:
                 continue
             link = self.links_down.get(r.name, self.down)
             for d in datagrams:
-                self._deliver(link, d, lambda d, r=r: self._to_receiver(r, d))  # type: ignore[misc]
+                self._deliver(link, d, lambda d, r=r: self._to_receiver(r, d), r.name)  # type: ignore[misc]
 
     def _to_receiver(self, r: SimReceiver, data: bytes) -> None:
         if r.alive:
@@ -233,6 +249,8 @@ class SimNet:
         s = r.session
         while (ev := s.next_event()) is not None:
             r.events.append(ev)
+            if isinstance(ev, Completed | Evicted | SessionAborted) and r.finished_at is None:
+                r.finished_at = self.now
             if isinstance(ev, ManifestReceived):
                 r.manifest = ev.manifest
             elif isinstance(ev, BlockReceived):
