@@ -57,7 +57,7 @@ class CaptureOptions:
     #: False: keep every block (``--all-blocks``).
     used_only: bool | None = None
     block_size: int = DEFAULT_BLOCK_SIZE
-    threads: int = 0  #: 0: one per CPU
+    threads: int = 0  #: 0: one per CPU plus two (to overlap each block file's fsync)
     progress: bool | None = None  #: None: only when stderr is a terminal
     source_info: dict[str, Any] = field(default_factory=dict)  #: merged into manifest.source
 
@@ -189,7 +189,7 @@ class _Pipeline:
     ) -> None:
         self.store, self.src, self.manifest, self.used = store, src, manifest, used
         self.level = opts.level
-        self.threads = opts.threads or os.cpu_count() or 2
+        self.threads = opts.threads or (os.cpu_count() or 2) + 2
         self.slots = threading.BoundedSemaphore(2 * self.threads + 2)
         self.progress = Progress(f"capture {src.path.name}", src.size, enabled=opts.progress)
         self.new_digests: set[bytes] = set()
