@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         size = disk.stat().st_size
         part_size = (size - PART_START - 34 * 512) // MIB * MIB
         timed(f"cat {disk} > /dev/null")  # everyone starts from the page cache
-        runs = []
+        runs: list[Run] = []
         for label, args in [
             ("fleetcast capture (used blocks, zstd 3)", "--level 3"),
             ("fleetcast capture (used blocks, zstd 1)", "--level 1"),
