@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -109,11 +111,13 @@ class Receiver:
         self._transport.start()
         try:
             try:
-                await asyncio.wait_for(self._done.wait(), timeout)
-            except TimeoutError:
-                self._finish(ABORTED, f"no result after --timeout {timeout:g} s")
-                session.fail(loop.time(), self.outcome.reason)
+                await self._wait_outcome(timeout)
+            except asyncio.CancelledError:  # Ctrl-C / SIGTERM: tell the sender, then stop
+                self._finish(ABORTED, "interrupted")
+                session.fail(loop.time(), "receiver interrupted by its operator")
                 self._transport.process()
+                await self._linger()
+                raise
             await self._linger()
         finally:
             self._transport.close()
@@ -123,6 +127,24 @@ class Receiver:
                 self.target.close()
         self.outcome.stats = self.counters()
         return self.outcome
+
+    async def _wait_outcome(self, timeout: float | None) -> None:
+        """Until an outcome is known, the session closes on its own, or ``timeout`` passes."""
+        assert self._done is not None and self._transport is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not self._done.is_set():
+            if self.session.finished:  # closed without an event we act on
+                reason = self.session.fail_reason or self.session.outcome or "session closed"
+                self._finish(FAILED if self.session.outcome == "failed" else ABORTED, reason)
+                return
+            if deadline is not None and loop.time() >= deadline:
+                self._finish(ABORTED, f"no result after --timeout {timeout:g} s")
+                self.session.fail(loop.time(), self.outcome.reason)
+                self._transport.process()
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), 0.5)
 
     def counters(self) -> dict[str, Any]:
         """Every counter: the session's, the socket's and the writer's."""
@@ -290,7 +312,7 @@ def run_receive(args: argparse.Namespace) -> int:
     )
     started = time.monotonic()
     try:
-        outcome = asyncio.run(receiver.run(args.timeout))
+        outcome = asyncio.run(_interruptible(receiver, args.timeout))
     except TransportError as exc:
         print(f"fleetcast receive: {exc}", file=sys.stderr)
         return EXIT_CODES[USAGE]
@@ -301,6 +323,21 @@ def run_receive(args: argparse.Namespace) -> int:
     if args.stats_json:
         _write_json(args.stats_json, outcome, elapsed)
     return EXIT_CODES[outcome.result]
+
+
+async def _interruptible(receiver: Receiver, timeout: float | None) -> Outcome:
+    """``receiver.run``, turning SIGINT/SIGTERM into an orderly 'aborted' outcome."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await receiver.run(timeout)
+    except asyncio.CancelledError:
+        receiver.outcome.stats = receiver.counters()
+        return receiver.outcome
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def summary_line(target: str, outcome: Outcome, elapsed: float) -> str:

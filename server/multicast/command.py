@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -133,7 +134,7 @@ def send_main(argv: Sequence[str]) -> int:
         on_update=live.update if live else None,
     )
     try:
-        report = asyncio.run(runner.run())
+        report = asyncio.run(_interruptible(runner))
     except SenderSocketError as exc:
         print(f"fleetcast send: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -143,10 +144,26 @@ def send_main(argv: Sequence[str]) -> int:
     for rec in report.receivers.values():
         if rec.state != "completed":
             print(
-                f"  receiver {rec.receiver_id:08x} ({rec.address}) {rec.state}: {rec.reason}",
+                f"  receiver {rec.receiver_id:08x} ({rec.address}) {rec.state}: "
+                f"{rec.reason or 'did not finish'}",
                 file=sys.stderr,
             )
     return exit_code(report)
+
+
+async def _interruptible(runner: SessionRunner) -> SendReport:
+    """``runner.run``; SIGINT/SIGTERM abort the session (receivers are told) and report it."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        return await runner.run()
+    except asyncio.CancelledError:
+        runner.report.outcome = "aborted"
+        return runner.report
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def exit_code(report: SendReport) -> int:

@@ -8,6 +8,7 @@ SendReport once the session has ended. ``close`` on cancellation tells receivers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -134,7 +135,8 @@ class SessionRunner:
         except asyncio.CancelledError:
             session.close(loop.time(), "sender interrupted")
             self.transport.process()
-            await asyncio.wait_for(self.transport.finished.wait(), END_GRACE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.transport.finished.wait(), END_GRACE)
             raise
         finally:
             self.report.elapsed = time.monotonic() - started

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,7 @@ from bench.lab import wait_until
 pytestmark = pytest.mark.netns
 
 RECEIVE_OK, RECEIVE_FAILED, RECEIVE_EVICTED, RECEIVE_ABORTED, RECEIVE_REFUSED = 0, 1, 3, 4, 5
-SEND_OK, SEND_PARTIAL, SEND_NONE = 0, 3, 4
+SEND_OK, SEND_ERROR, SEND_PARTIAL, SEND_NONE = 0, 1, 3, 4
 
 
 def test_two_receivers_get_identical_copies(
@@ -225,3 +226,38 @@ def test_two_sessions_in_one_event_loop_do_not_cross_talk(
     assert file_sha256(tmp_path / "b.img") == other.sha256
     # Each receiver heard only its own group: nothing of the other session reached it.
     assert not fleet.stats(r0)["session"]["dropped"].get("bad_tag")
+
+
+def test_a_full_disk_fails_the_receiver_and_the_sender_is_told(
+    make_fleet: Callable[..., Fleet], small_image: BuiltImage, tmp_path: Path
+) -> None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    try:
+        fleet = make_fleet(small_image, 1)
+        node = fleet.lab.receivers[0]
+        receiver = fleet.receive(node, mnt / "disk.img")
+        sender = fleet.send("--max-wait", "20")
+        assert fleet.wait(receiver, node.name, 40) == RECEIVE_FAILED, fleet.log(node.name)
+        assert "filesystem holding the target is full" in fleet.log(node.name)
+        assert fleet.wait(sender, "sender", 40) == SEND_NONE, fleet.log("sender")
+        assert "failed: writing" in fleet.log("sender")
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_stopping_the_sender_aborts_receivers_and_says_so(
+    make_fleet: Callable[..., Fleet], small_image: BuiltImage, tmp_path: Path
+) -> None:
+    fleet = make_fleet(small_image, 1)
+    node = fleet.lab.receivers[0]
+    target = tmp_path / "r0.img"
+    receiver = fleet.receive(node, target)
+    sender = fleet.send("--rate", "4M")  # ~6 s of data: stopped well before the end
+    assert wait_until(lambda: target.exists() and target.stat().st_blocks > 0, 20)
+    fleet.lab.kill(sender, signal.SIGTERM)
+    assert sender.returncode == SEND_ERROR, fleet.log("sender")
+    assert "aborted" in fleet.log("sender")
+    assert fleet.wait(receiver, node.name, 30) == RECEIVE_ABORTED, fleet.log(node.name)
+    assert "ABORTED" in fleet.log(node.name)
