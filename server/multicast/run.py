@@ -181,6 +181,8 @@ class SessionRunner:
         rec.loss, rec.naks = event.loss, event.naks
 
     def _completed(self, event: ev.ReceiverCompleted) -> None:
+        rec = self._record(event)
+        rec.done_bytes = self.report.manifest.data_bytes()  # its last STATUS may predate DONE
         self._end(event, "completed", "")
 
     def _evicted(self, event: ev.ReceiverEvicted) -> None:
