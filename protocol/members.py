@@ -23,7 +23,9 @@ class ReplayWindow:
         """True (and remembered) when ``seq`` is new; False for a replay or a too-old one."""
         if seq > self._highest:
             shift = seq - self._highest
-            self._mask = ((self._mask << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            # Never shift by a peer-chosen amount: a jump of 2**32 would allocate 512 MiB.
+            mask = (self._mask << shift) | 1 if shift < REPLAY_WINDOW else 1
+            self._mask = mask & ((1 << REPLAY_WINDOW) - 1)
             self._highest = seq
             return True
         offset = self._highest - seq

@@ -184,6 +184,7 @@ class SenderSession:
         self._counts["datagrams_received"] += 1
         try:
             self._receive(data, addr, now)
+            self._counts["accepted"] += 1
         except WireError as exc:
             self._dropped[exc.reason] += 1
         except Exception:  # a bug must not kill the session; the fuzz test keeps this at 0

@@ -233,8 +233,39 @@ class SimNet:
             if not r.alive:
                 continue
             link = self.links_down.get(r.name, self.down)
-            for d in datagrams:
-                self._deliver(link, d, lambda d, r=r: self._to_receiver(r, d), r.name)  # type: ignore[misc]
+            if link.capacity_bps is not None or len(datagrams) == 1:
+                for d in datagrams:
+                    self._deliver(link, d, lambda d, r=r: self._to_receiver(r, d), r.name)  # type: ignore[misc]
+                continue
+            self._deliver_batch(r, link, datagrams)
+
+    def _deliver_batch(self, r: SimReceiver, link: Link, datagrams: list[bytes]) -> None:
+        """A GSO burst: one event for what survives in order; reordered ones on their own."""
+        rng = self.rng
+        batch: list[bytes] = []
+        for d in datagrams:
+            if rng.random() < link.drop:
+                continue
+            if link.corrupt and rng.random() < link.corrupt:
+                b = bytearray(d)
+                b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+                d = bytes(b)
+            if link.reorder and rng.random() < link.reorder:
+                self.at(
+                    self.now + link.delay + rng.uniform(0, 0.005),
+                    lambda d=d: self._to_receiver(r, d),
+                )  # type: ignore[misc]
+                continue
+            batch.append(d)
+            if link.dup and rng.random() < link.dup:
+                batch.append(d)
+
+        def arrive() -> None:
+            for d in batch:
+                self._to_receiver(r, d)
+
+        if batch:
+            self.at(self.now + link.delay, arrive)
 
     def _to_receiver(self, r: SimReceiver, data: bytes) -> None:
         if r.alive:
