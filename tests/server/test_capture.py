@@ -246,3 +246,28 @@ def test_capture_reads_holes_without_storing_them(store: ImageStore, tmp_path: P
     assert r.manifest.count(BlockKind.DATA) == 1
     assert r.manifest.count(BlockKind.ZERO) == 255
     assert os.path.getsize(src) == size
+
+
+@pytest.mark.tools
+@needs_disk_tools
+def test_without_a_used_map_every_block_is_kept_with_one_warning(
+    store: ImageStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import server.images.capture as capture_module
+    from server.images.usedmap import UsedMapUnavailable
+
+    def no_loop(*args: object) -> None:
+        raise UsedMapUnavailable("cannot attach a loop device (needs root): denied")
+
+    monkeypatch.setattr(capture_module, "partition_device", no_loop)
+    src = tmp_path / "disk.img"
+    make_realistic_disk(src, 16 * MIB, seed=1)
+    warnings: list[str] = []
+    m = capture_image(store, "d", src, CaptureOptions(), warn=warnings.append).manifest
+    assert warnings == [
+        "partition 1 (ext4): keeping every block: cannot attach a loop device (needs root): denied"
+    ]
+    assert m.partitions[0].used_map == "all" and m.count(BlockKind.UNUSED) == 0
+    out = tmp_path / "out.img"
+    export_image(store, "d", out)
+    assert out.read_bytes() == src.read_bytes()
