@@ -8,6 +8,7 @@ Encoders return complete, tagged datagrams. Decoders take bytes that passed
 from __future__ import annotations
 
 import bisect
+import hashlib
 import hmac
 import struct
 from collections.abc import Callable, Sequence
@@ -141,9 +142,27 @@ class Header(NamedTuple):
 # -- authentication (§6.1) ----------------------------------------------------------------
 
 
+_MACS: dict[bytes, hmac.HMAC] = {}
+
+
+def _mac(key: bytes) -> hmac.HMAC:
+    """An HMAC-SHA256 keyed with ``key`` and nothing hashed yet, to copy per datagram.
+
+    Copying saves re-deriving the key pads for every datagram (~0.4 µs of ~2).
+    """
+    mac = _MACS.get(key)
+    if mac is None:
+        if len(_MACS) >= 64:
+            _MACS.clear()
+        mac = _MACS[key] = hmac.new(key, digestmod=hashlib.sha256)
+    return mac
+
+
 def tag(key: bytes, message: bytes | bytearray | memoryview) -> bytes:
-    """The 16-byte tag of ``message`` (every byte before the tag)."""
-    return hmac.digest(key, message, "sha256")[:TAG_SIZE]
+    """The 16-byte tag of ``message`` (every byte before the tag): HMAC-SHA256, truncated."""
+    mac = _mac(key).copy()
+    mac.update(message)
+    return mac.digest()[:TAG_SIZE]
 
 
 def seal(key: bytes, header: Header, body: bytes) -> bytes:
@@ -163,8 +182,7 @@ def open_datagram(key: bytes, data: bytes | bytearray | memoryview) -> tuple[Hea
         raise WireError("bad_magic")
     if version != VERSION:
         raise WireError("bad_version", f"version {version}")
-    expected = hmac.digest(key, view[: n - TAG_SIZE], "sha256")[:TAG_SIZE]
-    if not hmac.compare_digest(expected, view[n - TAG_SIZE :]):
+    if not hmac.compare_digest(tag(key, view[: n - TAG_SIZE]), view[n - TAG_SIZE :]):
         raise WireError("bad_tag")
     return Header(ptype, session, source, instance, seq), view[HEADER.size : n - TAG_SIZE]
 
@@ -614,7 +632,7 @@ def pack_fragments(
     buf = bytearray(total)
     view = memoryview(buf)
     pack_into = DATA_HEADER.pack_into
-    digest = hmac.digest
+    proto = _mac(key)
     pos = 0
     hsize = DATA_HEADER.size
     for i, f in enumerate(frags):
@@ -627,7 +645,9 @@ def pack_fragments(
         )  # fmt: skip
         end = pos + hsize + n
         buf[pos + hsize : end] = chunk
-        buf[end : end + TAG_SIZE] = digest(key, view[pos:end], "sha256")[:TAG_SIZE]
+        mac = proto.copy()
+        mac.update(view[pos:end])
+        buf[end : end + TAG_SIZE] = mac.digest()[:TAG_SIZE]
         pos = end + TAG_SIZE
     return bytes(buf)
 

@@ -149,13 +149,15 @@ def test_100k_random_and_mutated_datagrams_never_raise_and_are_all_counted() -> 
     assert {"bad_tag", "malformed", "invalid", "short", "replayed"} <= reasons, reasons
 
 
-def test_a_body_decoder_never_raises_anything_but_wire_error() -> None:
+def test_body_decoders_refuse_random_bodies_only_with_wire_error() -> None:
     rng = random.Random(7)
     for ptype, decode in wire.DECODERS.items():
+        refused = 0
         for _ in range(3000):
             body = memoryview(rng.randbytes(rng.randint(0, 300)))
             try:
                 decode(body)
-            except wire.WireError:
-                pass
-        assert ptype
+            except wire.WireError:  # anything else fails the test
+                refused += 1
+        if ptype != wire.PacketType.ABORT:  # any short text is a valid ABORT
+            assert refused > 0, ptype
