@@ -267,17 +267,14 @@ class Lab:
     def _add_netns(self, ns: str) -> None:
         _ip("netns", "add", ns)
         self._namespaces.append(ns)
-        _run_in(
+        _sysctl(
             ns,
-            [
-                "sysctl",
-                "-q",
-                "-w",
-                "net.ipv6.conf.all.disable_ipv6=1",
-                "net.ipv6.conf.default.disable_ipv6=1",
-                "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.default.rp_filter=0",
-            ],
+            {
+                "net.ipv6.conf.all.disable_ipv6": 1,
+                "net.ipv6.conf.default.disable_ipv6": 1,
+                "net.ipv4.conf.all.rp_filter": 0,
+                "net.ipv4.conf.default.rp_filter": 0,
+            },
         )
         _ip("-n", ns, "link", "set", "lo", "up")
 
@@ -286,34 +283,15 @@ class Lab:
         self._add_netns(ns)
         # The pair is made inside the bridge namespace with its peer placed straight into the
         # node's namespace, so no interface ever exists in the host namespace.
-        _ip(
-            "-n",
-            self.bridge_ns,
-            "link",
-            "add",
-            port,
-            "mtu",
-            str(MTU),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            LAB_IF,
-            "mtu",
-            str(MTU),
-            "netns",
-            ns,
-        )
+        veth = f"link add {port} mtu {MTU} type veth peer name {LAB_IF} mtu {MTU} netns {ns}"
+        _ip("-n", self.bridge_ns, *veth.split())
         _ip("-n", self.bridge_ns, "link", "set", port, "master", "br0", "up")
-        _run_in(
+        _sysctl(
             ns,
-            [
-                "sysctl",
-                "-q",
-                "-w",
-                f"net.ipv4.conf.{LAB_IF}.rp_filter=0",
-                f"net.ipv6.conf.{LAB_IF}.disable_ipv6=1",
-            ],
+            {
+                f"net.ipv4.conf.{LAB_IF}.rp_filter": 0,
+                f"net.ipv6.conf.{LAB_IF}.disable_ipv6": 1,
+            },
         )
         _ip("-n", ns, "addr", "add", f"{address}/24", "brd", "+", "dev", LAB_IF)
         _ip("-n", ns, "link", "set", LAB_IF, "up")
@@ -325,7 +303,7 @@ def require_lab_support() -> None:
     """Raise LabError with the reason when this machine cannot build a lab."""
     if os.geteuid() != 0:
         raise LabError("the namespace lab needs root (ip netns add); run as root")
-    for tool in ("ip", "tc", "nft", "sysctl"):
+    for tool in ("ip", "tc", "nft"):
         if shutil.which(tool) is None:
             raise LabError(f"the namespace lab needs {tool!r}; run scripts/setup")
 
@@ -393,6 +371,14 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _sysctl(ns: str, settings: dict[str, int]) -> None:
+    """Set net.* sysctls inside ``ns`` by writing /proc/sys there (no procps needed)."""
+    script = "; ".join(
+        f"echo {value} > /proc/sys/{key.replace('.', '/')}" for key, value in settings.items()
+    )
+    _run_in(ns, ["sh", "-ec", script])
 
 
 def _ip(*args: str) -> None:
