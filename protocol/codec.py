@@ -56,11 +56,18 @@ def encode_block(
     """
     if not raw:
         raise ValueError("cannot encode an empty block")
-    digest = hashlib.sha256(raw).digest()
+    return hashlib.sha256(raw).digest(), compress_block(raw, level)
+
+
+def compress_block(raw: bytes | bytearray | memoryview, level: int = DEFAULT_LEVEL) -> bytes:
+    """The payload of one raw block: a zstd frame, or ``bytes(raw)`` if that is not smaller.
+
+    For callers that already know the digest (and may find the block stored already).
+    """
     frame = _compressor(level).compress(raw)
     if len(frame) < len(raw):
-        return digest, frame
-    return digest, bytes(raw)
+        return frame
+    return bytes(raw)
 
 
 def decode_block(

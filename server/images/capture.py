@@ -22,7 +22,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from protocol.codec import DEFAULT_LEVEL, MAX_LEVEL, MIN_LEVEL, encode_block, is_zero
+from protocol.codec import (
+    DEFAULT_LEVEL,
+    MAX_LEVEL,
+    MIN_LEVEL,
+    block_digest,
+    compress_block,
+    is_zero,
+)
 from protocol.manifest import DEFAULT_BLOCK_SIZE, BlockKind, Manifest, ManifestError, Partition
 from protocol.partitions import FS_PROBE_BYTES, detect_filesystem, parse_partition_table
 from server.images.progress import Progress
@@ -258,12 +265,16 @@ class _Pipeline:
 
     def _store_block(self, index: int, buf: bytearray | memoryview) -> None:
         try:
-            digest, payload = encode_block(buf, self.level)
-            if self.store.put_block(digest, payload):
-                with self._lock:
-                    self.new_digests.add(digest)
-                    self.new_bytes += len(payload)
-            self.manifest.set_data(index, digest, len(payload))
+            digest = block_digest(buf)
+            stored = self.store.stored_size(digest)
+            if stored is None:  # not in the store yet: compress and write it
+                payload = compress_block(buf, self.level)
+                stored = len(payload)
+                if self.store.put_block(digest, payload):
+                    with self._lock:
+                        self.new_digests.add(digest)
+                        self.new_bytes += stored
+            self.manifest.set_data(index, digest, stored)
         except BaseException as exc:
             self.errors.append(exc)
         finally:

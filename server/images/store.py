@@ -141,6 +141,13 @@ class ImageStore:
     def has_block(self, digest: bytes) -> bool:
         return self.block_path(digest).exists()
 
+    def stored_size(self, digest: bytes) -> int | None:
+        """The payload size of a stored block, or None if the store does not have it."""
+        try:
+            return self.block_path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
     def exists(self, name: str) -> bool:
         return self.manifest_path(name).exists()
 
