@@ -39,11 +39,12 @@ class EngineConfig:
     rate_interval: float = 0.1
     """How often auto mode adjusts the rate."""
 
-    rate_increase: float = 0.05
+    rate_increase: float = 0.1
     """Auto mode: fraction of the current rate added per rate_interval without loss."""
 
     rate_decrease: float = 0.7
-    """Auto mode: factor applied to the rate when loss exceeds loss_threshold."""
+    """Auto mode: largest factor applied to the rate when loss exceeds loss_threshold (a
+    heavier loss L cuts it to (1 - L) * 0.9 of itself)."""
 
     loss_threshold: float = 0.05
     """Auto mode: loss fraction above which the rate is cut (random loss below is ignored)."""

@@ -66,6 +66,7 @@ class Member:
     blocks_total: int = 0
     bytes_done: int = 0
     write_bps: int = 0
+    rx_bps: int = 0  #: UDP payload bits/s it received from us over its last STATUS interval
     backlog: int = 0
     reason: str = ""
     ended_at: float | None = None

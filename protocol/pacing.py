@@ -27,6 +27,8 @@ class Pacer:
         self._tokens = self._depth()
         self._stamp = now
         self._decrease_holdoff = now
+        self._last_adjust = now
+        self._slow_start = True
         self.decreases = 0
         self.increases = 0
 
@@ -70,22 +72,38 @@ class Pacer:
             return now
         return now + (-self._tokens * 8.0) / self.rate_bps
 
-    def adjust(self, now: float, losses: list[float]) -> None:
-        """Auto mode: react to the freshest receiver loss reports (fractions)."""
-        if not self._config.auto_rate or self.rate_bps is None or not losses:
+    def adjust(self, now: float, reports: list[tuple[float, int]]) -> None:
+        """Auto mode: react to the freshest receiver reports, (loss fraction, received bit/s).
+
+        Like TCP: grow multiplicatively (``rate_increase`` per ``rate_interval``) until the
+        first loss above the threshold, then additively (a tenth of that); on loss, cut to
+        a little below the rate the receivers actually received at.
+        """
+        cfg = self._config
+        if not cfg.auto_rate or self.rate_bps is None or not reports:
             return
         assert self.ceiling is not None
-        ordered = sorted(losses)
-        loss = ordered[int(self._config.rate_quantile * (len(ordered) - 1))]
-        if loss > self._config.loss_threshold:
+        ordered = sorted(reports)
+        loss, received = ordered[int(cfg.rate_quantile * (len(ordered) - 1))]
+        elapsed = min(1.0, max(0.0, now - self._last_adjust)) / cfg.rate_interval
+        self._last_adjust = now
+        if loss > cfg.loss_threshold:
             if now >= self._decrease_holdoff:
-                self._set_rate(now, int(self.rate_bps * self._config.rate_decrease))
+                # What got through estimates what the path takes: go a little below it at
+                # once (at least by rate_decrease) rather than halving for many rounds.
+                through = received * 0.9 if received else self.rate_bps * (1.0 - loss)
+                cut = min(self.rate_bps * cfg.rate_decrease, through)
+                self._set_rate(now, int(max(cut, self.rate_bps * 0.1)))
                 self.decreases += 1
+                self._slow_start = False
                 # Let reports made at the new rate arrive before cutting again.
-                self._decrease_holdoff = now + 2 * self._config.status_interval
+                self._decrease_holdoff = now + 2 * cfg.status_interval
             return
-        step = max(int(self.rate_bps * self._config.rate_increase), 1_000_000)
-        self._set_rate(now, min(self.ceiling, self.rate_bps + step))
+        if self._slow_start:
+            grown = self.rate_bps * (1.0 + cfg.rate_increase) ** elapsed
+        else:
+            grown = self.rate_bps * (1.0 + cfg.rate_increase / 10 * elapsed)
+        self._set_rate(now, min(self.ceiling, max(int(grown), self.rate_bps + 100_000)))
         self.increases += 1
 
     def _set_rate(self, now: float, rate: int) -> None:

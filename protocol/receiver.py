@@ -145,6 +145,7 @@ class ReceiverSession:
         self._max_seq = 0
         self._status_seq_base = 0
         self._rx_since = 0
+        self._rx_bytes = 0
         self._dropped_frags = 0
         self._bytes_since = 0
         self._last_status_at = now
@@ -217,6 +218,7 @@ class ReceiverSession:
             raise WireError("invalid", "sender datagram with a receiver id")
         self._last_heard = now
         self._rx_since += 1
+        self._rx_bytes += n
         if 0 < (seq - self._max_seq) & 0xFFFFFFFF < 0x80000000:
             self._max_seq = seq
         self._on_fragment(obj, size, frag, view[_DATA_HEAD : n - _TAG], now)
@@ -403,6 +405,7 @@ class ReceiverSession:
             raise WireError("not_joined")
         self._last_heard = now
         self._rx_since += 1
+        self._rx_bytes += len(data)
         if 0 < (hdr.seq - self._max_seq) & 0xFFFFFFFF < 1 << 31:
             self._max_seq = hdr.seq
         if ptype == PacketType.DATA:
@@ -755,7 +758,9 @@ class ReceiverSession:
         loss = min(1.0, lost / expected) if expected else 0.0
         elapsed = max(now - self._last_status_at, 1e-6)
         write_bps = int(self._bytes_since / elapsed)
+        rx_bps = int(self._rx_bytes * 8 / elapsed)
         self._status_seq_base, self._rx_since, self._dropped_frags = self._max_seq, 0, 0
+        self._rx_bytes = 0
         self._bytes_since, self._last_status_at = 0, now
         ranges = self._needed.ranges_from(self._span_next)
         encoded, used = wire.encode_ranges(ranges, self._capacity(wire.STATUS.size))
@@ -768,6 +773,7 @@ class ReceiverSession:
             self._bytes_done,
             loss,
             write_bps,
+            rx_bps,
             self._unverified,
             0,
             span_start,

@@ -338,7 +338,7 @@ class SenderSession:
             if m.active and m.last_status_time >= fresh and m.blocks_done < m.blocks_total
         ]
         if any(m.last_status_time > self._last_rate_update for m in reports):
-            self._pacer.adjust(now, [m.loss for m in reports])
+            self._pacer.adjust(now, [(m.loss, m.rx_bps) for m in reports])
             self._last_rate_update = now
 
     def _evict(self, m: Member, now: float, reason: str) -> None:
@@ -491,6 +491,7 @@ class SenderSession:
         m.blocks_done = min(msg.blocks_done, m.blocks_total)
         m.bytes_done = msg.bytes_done
         m.write_bps = msg.write_bps
+        m.rx_bps = msg.rx_bps
         m.backlog = msg.backlog
         self._events.append(
             ReceiverProgress(

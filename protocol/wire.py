@@ -37,8 +37,9 @@ JOIN = struct.Struct("!BB")
 TARGET = struct.Struct("!II")
 JOIN_ACK = struct.Struct("!IIB")
 # §2.3 STATUS fixed part: blocks_done, blocks_total, bytes_done 8, loss 2, write_kib_s 4,
+# rx_kib_s 4,
 # backlog 2, flags 1, reserved 1, span_start 4, span_end 4
-STATUS = struct.Struct("!IIQHIHBxII")
+STATUS = struct.Struct("!IIQHIIHBxII")
 DONE = struct.Struct("!IQ")
 LEAVE = struct.Struct("!B")
 COUNT = struct.Struct("!H")
@@ -240,6 +241,7 @@ class Status:
     bytes_done: int
     loss: float
     write_bps: int
+    rx_bps: int
     backlog: int
     flags: int
     span_start: int
@@ -358,6 +360,7 @@ def decode_targeted(body: memoryview) -> Targeted:
 def encode_status(s: Status, ranges: bytes) -> bytes:
     loss = max(0, min(10000, round(s.loss * 10000)))
     kib = max(0, min(0xFFFFFFFF, s.write_bps // 1024))
+    rx_kib = max(0, min(0xFFFFFFFF, s.rx_bps // 1024))
     return (
         STATUS.pack(
             s.blocks_done,
@@ -365,6 +368,7 @@ def encode_status(s: Status, ranges: bytes) -> bytes:
             s.bytes_done,
             loss,
             kib,
+            rx_kib,
             min(s.backlog, 0xFFFF),
             s.flags,
             s.span_start,
@@ -377,7 +381,7 @@ def encode_status(s: Status, ranges: bytes) -> bytes:
 def decode_status(body: memoryview) -> Status:
     if len(body) < STATUS.size:
         raise WireError("malformed", "status length")
-    done, total, nbytes, loss, kib, backlog, flags, s0, s1 = STATUS.unpack_from(body)
+    done, total, nbytes, loss, kib, rx_kib, backlog, flags, s0, s1 = STATUS.unpack_from(body)
     missing, end = decode_ranges(body, STATUS.size)
     if end != len(body):
         raise WireError("malformed", "status trailing bytes")
@@ -385,7 +389,19 @@ def decode_status(body: memoryview) -> Status:
         raise WireError("invalid", "status fields")
     if missing and (missing[0][0] < s0 or (s1 and missing[-1][1] > s1)):
         raise WireError("invalid", "status ranges outside the span")
-    return Status(done, total, nbytes, loss / 10000, kib * 1024, backlog, flags, s0, s1, missing)
+    return Status(
+        done,
+        total,
+        nbytes,
+        loss / 10000,
+        kib * 1024,
+        rx_kib * 1024,
+        backlog,
+        flags,
+        s0,
+        s1,
+        missing,
+    )
 
 
 def encode_done(blocks_done: int, bytes_done: int) -> bytes:

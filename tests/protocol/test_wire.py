@@ -84,7 +84,7 @@ def test_encode_ranges_stops_at_capacity() -> None:
 
 def test_status_roundtrip() -> None:
     ranges, _ = wire.encode_ranges([(5, 8)], 100)
-    s = wire.Status(3, 10, 3 << 20, 0.0123, 50 << 20, 2, 0, 0, 0, [])
+    s = wire.Status(3, 10, 3 << 20, 0.0123, 50 << 20, 80 << 20, 2, 0, 0, 0, [])
     got = _roundtrip(PacketType.STATUS, wire.encode_status(s, ranges))
     assert isinstance(got, wire.Status)
     assert (got.blocks_done, got.blocks_total, got.bytes_done, got.backlog) == (3, 10, 3 << 20, 2)
