@@ -58,7 +58,12 @@ class Member:
     state: MemberState = MemberState.ACTIVE
     last_heard: float = 0.0
     naks: int = 0
-    object_naks: dict[int, int] = field(default_factory=dict)
+    #: object -> (NAKs that came after a repair of it, time of the last NAK)
+    object_naks: dict[int, tuple[int, float]] = field(default_factory=dict)
+    #: losing far more than the group: its repairs wait until the sweep is idle (§4.3)
+    outlier: bool = False
+    #: share of the fragments of the objects in its NAKs that it lacked (smoothed)
+    nak_loss: float = 0.0
     last_status_seq: int = -1
     last_status_time: float = -1.0
     loss: float = 0.0

@@ -130,6 +130,9 @@ class SenderSession:
         self._control: list[Transmit] = []
         self._pending: deque[Transmit] = deque()
         self._repairs: dict[int, int] = {}
+        self._low_repairs: dict[int, int] = {}
+        self._group_loss = 0.0
+        self._last_sent: dict[int, float] = {}
         self._recent_repairs: dict[int, tuple[float, int]] = {}
         self._swept: dict[int, float] = {}
         self._ever_sent: set[int] = set()
@@ -340,6 +343,20 @@ class SenderSession:
         if any(m.last_status_time > self._last_rate_update for m in reports):
             self._pacer.adjust(now, [(m.loss, m.rx_bps) for m in reports])
             self._last_rate_update = now
+            self._mark_outliers(reports)
+
+    def _mark_outliers(self, reports: list[Member]) -> None:
+        """Flag receivers losing far more than the group (a slow port, a busy CPU)."""
+        losses = sorted(m.loss for m in reports)
+        q = self._config.rate_quantile
+        self._group_loss = losses[int(q * (len(losses) - 1))] if losses else 0.0
+        for m in self._members.values():
+            self._judge(m)
+
+    def _judge(self, m: Member) -> None:
+        active = sum(1 for x in self._members.values() if x.active)
+        bound = max(self._config.loss_threshold, 2 * self._group_loss)
+        m.outlier = active > 1 and max(m.loss, m.nak_loss) > bound
 
     def _evict(self, m: Member, now: float, reason: str) -> None:
         m.state = MemberState.EVICTED
@@ -447,24 +464,41 @@ class SenderSession:
             self._check_nak_entry(obj, run, mask)
         m.naks += 1
         self._counts["naks_received"] += 1
+        self._note_nak_loss(m, msg.entries)
         for obj, run, mask in msg.entries:
             if run:
                 wanted = RangeSet([(obj, obj + run)]).intersection(self._objects)
                 for s, e in wanted:
                     m.missing.add(s, e)
                 continue
-            count = m.object_naks.get(obj, 0) + 1
-            m.object_naks[obj] = count
+            count, last = m.object_naks.get(obj, (0, -1.0))
+            if self._last_sent.get(obj, -1.0) > last:
+                count += 1  # counts only NAKs that follow a repair: repairs that failed
+            m.object_naks[obj] = (count, now)
             recent = self._recent_repairs.get(obj)
             if recent is not None and now - recent[0] < self._config.repair_holdoff:
                 mask &= ~recent[1]
             if mask:
-                self._repairs[obj] = self._repairs.get(obj, 0) | mask
+                queue = self._low_repairs if m.outlier else self._repairs
+                queue[obj] = queue.get(obj, 0) | mask
             if count > self._config.max_object_naks:
                 self._evict(
-                    m, now, f"cannot keep up: object {obj} still incomplete after {count} NAKs"
+                    m,
+                    now,
+                    f"cannot keep up: object {obj} still incomplete after {count} repairs",
                 )
                 return
+
+    def _note_nak_loss(self, m: Member, entries: list[tuple[int, int, int]]) -> None:
+        """A NAK tells how much of what it covers was lost: a loss figure before any STATUS."""
+        lacked = total = 0
+        for obj, run, mask in entries:
+            if not run:
+                lacked += mask.bit_count()
+                total += self._fragments(obj)
+        if total >= 16:
+            m.nak_loss = 0.5 * m.nak_loss + 0.5 * lacked / total if m.naks > 1 else lacked / total
+            self._judge(m)
 
     def _check_nak_entry(self, obj: int, run: int, mask: int) -> None:
         if run:
@@ -598,19 +632,29 @@ class SenderSession:
     def _fill(self, now: float) -> bool:
         """Queue the next object's Transmits (§4.2 order); False when there is nothing."""
         if self._repairs:
-            repair = min(self._repairs)
-            mask = self._repairs.pop(repair)
-            self._recent_repairs[repair] = (now, mask)
-            self._queue_object(repair, _mask_to_list(mask), wire.FLAG_REPAIR)
+            self._queue_repair(self._repairs, now)
             return True
         obj = self._next_manifest_chunk(now)
         if obj is None and self._state is SenderState.TRANSFERRING:
             obj = self._next_sweep_object(now)
         if obj is None:
+            if self._low_repairs:  # outliers' repairs: only when nothing else waits
+                self._queue_repair(self._low_repairs, now)
+                return True
             return False
-        self._swept[obj] = now
+        self._swept[obj] = self._last_sent[obj] = now
         self._queue_object(obj, range(self._fragments(obj)), 0)
         return True
+
+    def _queue_repair(self, queue: dict[int, int], now: float) -> None:
+        obj = min(queue)
+        mask = queue.pop(obj)
+        other = self._low_repairs if queue is self._repairs else self._repairs
+        if obj in other:
+            mask |= other.pop(obj)
+        self._recent_repairs[obj] = (now, mask)
+        self._last_sent[obj] = now
+        self._queue_object(obj, _mask_to_list(mask), wire.FLAG_REPAIR)
 
     def _next_manifest_chunk(self, now: float) -> int | None:
         holdoff = self._config.sweep_holdoff

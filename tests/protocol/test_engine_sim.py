@@ -122,18 +122,23 @@ def test_a_receiver_killed_mid_stream_costs_the_others_nothing_and_is_evicted_si
     assert net.now < 0.5 + config.receiver_timeout + config.linger + 1.0
 
 
-def test_a_receiver_behind_a_slow_port_does_not_slow_the_others() -> None:
-    config = EngineConfig(auto_rate=True, initial_rate_bps=50_000_000, max_object_naks=10)
-    baseline = _baseline_finish(4, 24, config)
-    net = SimNet(4, make_image(random.Random(4), blocks=24), config, min_receivers=4)
+@pytest.mark.parametrize("port_bps", [20_000_000, 100_000_000])
+def test_a_receiver_behind_a_slow_port_costs_the_others_under_5_percent(port_bps: int) -> None:
+    config = EngineConfig(auto_rate=True)
+    image = make_image(random.Random(4), blocks=300)  # ~6.8 MB on the wire
+    net = SimNet(4, image, config, min_receivers=3)
+    alone = [net.add_receiver(f"f{i}") for i in range(3)]
+    net.run()
+    baseline = max(r.finished_at or 0.0 for r in alone)
+    net = SimNet(4, image, config, min_receivers=4)
     fast = [net.add_receiver(f"f{i}") for i in range(3)]
-    slow_port = Link(capacity_bps=5_000_000, buffer_bytes=64 << 10)
-    slow = net.add_receiver("slow", link=slow_port)
+    slow = net.add_receiver("slow", link=Link(capacity_bps=port_bps, buffer_bytes=256 << 10))
     net.run(limit=120)
     for r in fast:
         assert net.outcome(r) == "completed"
-        assert r.finished_at is not None and r.finished_at <= baseline * 1.05 + 0.05
-    # The slow one either finishes on its own time or is told why it was dropped.
+        net.check_disk(r)
+        assert r.finished_at is not None and r.finished_at <= baseline * 1.05
+    # The slow one finishes on its own time afterwards, or is told why it was dropped.
     outcome = net.outcome(slow)
     assert outcome == "completed" or outcome.startswith("evicted: "), outcome
     if outcome == "completed":
