@@ -18,6 +18,7 @@ import socket, struct, sys, time
 group, port, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)  # SO_RCVBUFFORCE: a burst fits
 s.bind((group, port))
 ifaddr = socket.inet_aton(sys.argv[4])
 s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, socket.inet_aton(group) + ifaddr)
@@ -106,3 +107,17 @@ def test_a_failing_lab_command_is_a_clear_error(make_lab: Callable[..., Lab]) ->
     lab = make_lab(1)
     with pytest.raises(LabError, match="lab command failed"):
         lab.shape(lab.sender, "not-a-rate")
+
+
+def test_a_slow_bridge_port_throttles_only_its_receiver(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab(2)
+    lab.shape_port(lab.receivers[1], "8mbit", burst="16kb", latency="20ms")
+    procs = _listeners(lab, "239.255.42.2", 5002, 2.0)
+    fast_send = SEND.replace("if i % 50 == 0", "if False")  # one burst, faster than 8 Mbit/s
+    lab.run(
+        lab.sender,
+        [sys.executable, "-c", fast_send, "239.255.42.2", "5002", "1000", lab.sender.address],
+    )
+    counts = [int(p.communicate(timeout=10)[0].split()[-1]) for p in procs]
+    assert counts[0] == 1000
+    assert counts[1] < 500  # tbf on its port dropped what did not fit
