@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable
 from enum import Enum
 from typing import Any
@@ -31,12 +31,10 @@ from protocol.manifest import BlockKind, Manifest
 from protocol.members import Member, MemberState, ReplayWindow
 from protocol.pacing import Pacer
 from protocol.rangeset import RangeSet
+from protocol.scheduler import POLL_INTERVAL, Scheduler
 from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, PacketType, Transmit, WireError
 
 logger = logging.getLogger(__name__)
-
-POLL_INTERVAL = 0.05
-SWEEP_SCAN_LIMIT = 4096
 
 
 class SenderState(Enum):
@@ -61,15 +59,6 @@ _ANNOUNCE_STATE = {
     SenderState.ENDING: wire.AnnounceState.ENDING,
     SenderState.ENDED: wire.AnnounceState.ENDING,
 }
-
-
-def _mask_to_list(mask: int) -> list[int]:
-    out = []
-    while mask:
-        low = mask & -mask
-        out.append(low.bit_length() - 1)
-        mask ^= low
-    return out
 
 
 def data_block_ranges(manifest: Manifest) -> RangeSet:
@@ -104,7 +93,6 @@ class SenderSession:
         self._manifest_bytes = bytes(manifest_bytes)
         self._key = key
         self._session_id = session_id
-        self._read_block = read_block
         self._config = config
         self._rng = rng
         self._min_receivers = min_receivers
@@ -118,9 +106,8 @@ class SenderSession:
         self._transfer_started_at: float | None = None
         self._end_at = 0.0
         self._now = now
-        self._fp = config.fragment_payload
         self._data = data_block_ranges(self.manifest)
-        self._chunks = max(1, -(-len(manifest_bytes) // MANIFEST_CHUNK))
+        self._chunks = max(1, -(-len(manifest_bytes) // MANIFEST_CHUNK))  # == Scheduler.chunks
         self._objects = self._data.copy()
         self._objects.add(MANIFEST_BASE, MANIFEST_BASE + self._chunks)
         self._digest = hashlib.sha256(manifest_bytes).digest()
@@ -128,17 +115,7 @@ class SenderSession:
         self._old_instances: dict[int, set[int]] = {}
         self._events: deque[Event] = deque()
         self._control: list[Transmit] = []
-        self._pending: deque[Transmit] = deque()
-        self._repairs: dict[int, int] = {}
-        self._low_repairs: dict[int, int] = {}
         self._group_loss = 0.0
-        self._last_sent: dict[int, float] = {}
-        self._recent_repairs: dict[int, tuple[float, int]] = {}
-        self._swept: dict[int, float] = {}
-        self._ever_sent: set[int] = set()
-        self._cursor = 0
-        self._passes = 0
-        self._idle_until: float | None = None
         self._blocked = False
         self._pacer = Pacer(config, now)
         self._next_announce = now
@@ -148,9 +125,18 @@ class SenderSession:
         self._last_completion: float | None = None
         self._aborts_left = 0
         self._next_abort = 0.0
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._dropped: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
+        self._sched = Scheduler(
+            key=key,
+            header=(session_id, 0, self._instance, 0),
+            manifest=self.manifest,
+            manifest_bytes=self._manifest_bytes,
+            read_block=read_block,
+            config=config,
+            next_seq=self._next_seq,
+            counts=self._counts,
+        )
 
     # -- public API ---------------------------------------------------------------------
 
@@ -175,7 +161,7 @@ class SenderSession:
             "state": self._state.value,
             "outcome": self._outcome,
             "rate_bps": self._pacer.rate_bps,
-            "passes": self._passes,
+            "passes": self._sched.passes,
             **dict(self._counts),
             "dropped": dict(self._dropped),
             "receivers": {rid: m.summary() for rid, m in self._members.items()},
@@ -228,8 +214,8 @@ class SenderSession:
             times.append(self._next_abort)
         if self._blocked:
             times.append(self._pacer.ready_at(self._now))
-        elif self._idle_until is not None:
-            times.append(self._idle_until)
+        elif self._sched.idle_until is not None:
+            times.append(self._sched.idle_until)
         return min(times)
 
     def handle_timer(self, now: float) -> None:
@@ -472,15 +458,10 @@ class SenderSession:
                     m.missing.add(s, e)
                 continue
             count, last = m.object_naks.get(obj, (0, -1.0))
-            if self._last_sent.get(obj, -1.0) > last:
+            if self._sched.last_sent.get(obj, -1.0) > last:
                 count += 1  # counts only NAKs that follow a repair: repairs that failed
             m.object_naks[obj] = (count, now)
-            recent = self._recent_repairs.get(obj)
-            if recent is not None and now - recent[0] < self._config.repair_holdoff:
-                mask &= ~recent[1]
-            if mask:
-                queue = self._low_repairs if m.outlier else self._repairs
-                queue[obj] = queue.get(obj, 0) | mask
+            self._sched.add_repair(obj, mask, now, low=m.outlier)
             if count > self._config.max_object_naks:
                 self._evict(
                     m,
@@ -495,7 +476,7 @@ class SenderSession:
         for obj, run, mask in entries:
             if not run:
                 lacked += mask.bit_count()
-                total += self._fragments(obj)
+                total += self._sched.fragments(obj)
         if total >= 16:
             m.nak_loss = 0.5 * m.nak_loss + 0.5 * lacked / total if m.naks > 1 else lacked / total
             self._judge(m)
@@ -507,7 +488,7 @@ class SenderSession:
             return
         if obj not in self._objects:
             raise WireError("invalid", f"nak for object {obj} that is not sent")
-        if mask.bit_length() > self._fragments(obj):
+        if mask.bit_length() > self._sched.fragments(obj):
             raise WireError("invalid", f"nak for a fragment beyond object {obj}")
 
     def _on_status(self, m: Member, hdr: wire.Header, msg: wire.Message, now: float) -> None:
@@ -611,13 +592,16 @@ class SenderSession:
     def _data_transmits(self, now: float) -> list[Transmit]:
         out: list[Transmit] = []
         self._blocked = False
-        self._idle_until = None
+        sched = self._sched
+        sched.idle_until = None
         if self._state not in (SenderState.WAITING, SenderState.TRANSFERRING):
-            self._pending.clear()
+            sched.pending.clear()
             return out
+        sweeping = self._state is SenderState.TRANSFERRING
+        needs = [m.missing for m in self._members.values() if m.active]
         limit = None if self._pacer.paced else self._config.max_transmits_per_call
         while True:
-            if not self._pending and not self._fill(now):
+            if not sched.pending and not sched.fill(now, sweeping, needs):
                 return out
             if not self._pacer.ready(now):
                 self._blocked = True
@@ -625,123 +609,9 @@ class SenderSession:
             if limit is not None and len(out) >= limit:
                 self._blocked = True
                 return out
-            t = self._pending.popleft()
+            t = sched.pending.popleft()
             self._pacer.consume(len(t.data))
             out.append(t)
-
-    def _fill(self, now: float) -> bool:
-        """Queue the next object's Transmits (§4.2 order); False when there is nothing."""
-        if self._repairs:
-            self._queue_repair(self._repairs, now)
-            return True
-        obj = self._next_manifest_chunk(now)
-        if obj is None and self._state is SenderState.TRANSFERRING:
-            obj = self._next_sweep_object(now)
-        if obj is None:
-            if self._low_repairs:  # outliers' repairs: only when nothing else waits
-                self._queue_repair(self._low_repairs, now)
-                return True
-            return False
-        self._swept[obj] = self._last_sent[obj] = now
-        self._queue_object(obj, range(self._fragments(obj)), 0)
-        return True
-
-    def _queue_repair(self, queue: dict[int, int], now: float) -> None:
-        obj = min(queue)
-        mask = queue.pop(obj)
-        other = self._low_repairs if queue is self._repairs else self._repairs
-        if obj in other:
-            mask |= other.pop(obj)
-        self._recent_repairs[obj] = (now, mask)
-        self._last_sent[obj] = now
-        self._queue_object(obj, _mask_to_list(mask), wire.FLAG_REPAIR)
-
-    def _next_manifest_chunk(self, now: float) -> int | None:
-        holdoff = self._config.sweep_holdoff
-        for k in range(self._chunks):
-            obj = MANIFEST_BASE + k
-            sent = self._swept.get(obj)
-            if sent is not None and now < sent + holdoff:
-                self._note_wakeup(sent + holdoff)
-                continue
-            if any(m.active and obj in m.missing for m in self._members.values()):
-                return obj
-        return None
-
-    def _next_sweep_object(self, now: float) -> int | None:
-        holdoff = self._config.sweep_holdoff
-        active = [m.missing for m in self._members.values() if m.active]
-        cursor = self._cursor
-        wrapped = False
-        for _ in range(SWEEP_SCAN_LIMIT):
-            candidates = [n for n in (s.next_at_or_after(cursor) for s in active) if n is not None]
-            best = min((n for n in candidates if n < MANIFEST_BASE), default=None)
-            if best is None:
-                if wrapped or cursor == 0:
-                    return None
-                cursor, wrapped = 0, True
-                continue
-            sent = self._swept.get(best)
-            if sent is not None and now < sent + holdoff:
-                self._note_wakeup(sent + holdoff)
-                cursor = best + 1
-                continue
-            if wrapped:
-                self._passes += 1
-            self._cursor = best + 1
-            return best
-        self._note_wakeup(now + POLL_INTERVAL)
-        return None
-
-    def _note_wakeup(self, t: float) -> None:
-        if self._idle_until is None or t < self._idle_until:
-            self._idle_until = t
-
-    def _fragments(self, obj: int) -> int:
-        return -(-self._object_size(obj) // self._fp)
-
-    def _object_size(self, obj: int) -> int:
-        if obj >= MANIFEST_BASE:
-            k = obj - MANIFEST_BASE
-            return min(MANIFEST_CHUNK, len(self._manifest_bytes) - k * MANIFEST_CHUNK)
-        return int(self.manifest.stored_sizes[obj])
-
-    def _payload(self, obj: int) -> bytes:
-        if obj >= MANIFEST_BASE:
-            k = obj - MANIFEST_BASE
-            return self._manifest_bytes[k * MANIFEST_CHUNK : (k + 1) * MANIFEST_CHUNK]
-        cached = self._cache.get(obj)
-        if cached is not None:
-            self._cache.move_to_end(obj)
-            return cached
-        payload = self._read_block(obj)
-        expected = self.manifest.stored_sizes[obj]
-        if len(payload) != expected:
-            raise ValueError(
-                f"the image store returned {len(payload)} bytes for block {obj}, the manifest "
-                f"says {expected}: the stored image is damaged; re-import it"
-            )
-        self._cache[obj] = payload
-        if len(self._cache) > self._config.block_cache:
-            self._cache.popitem(last=False)
-        return payload
-
-    def _queue_object(self, obj: int, frags: range | list[int], flags: int) -> None:
-        payload = self._payload(obj)
-        per = self._config.segments_per_transmit
-        seg = self._config.payload_size
-        hdr = (self._session_id, 0, self._instance, 0)
-        repeat = obj in self._ever_sent and not flags
-        self._ever_sent.add(obj)
-        for i in range(0, len(frags), per):
-            chunk = frags[i : i + per]
-            seq = self._next_seq(len(chunk))
-            data = wire.pack_fragments(self._key, hdr, seq, obj, payload, chunk, self._fp, flags)
-            self._pending.append(Transmit(data, seg if len(chunk) > 1 else len(data), None))
-            key = (
-                "repair_datagrams" if flags else "resweep_datagrams" if repeat else "data_datagrams"
-            )
-            self._counts[key] += len(chunk)
 
     def _summary(self, now: float) -> dict[str, Any]:
         states = Counter(m.state.value for m in self._members.values())
@@ -755,7 +625,7 @@ class SenderSession:
             "repair_datagrams": self._counts["repair_datagrams"],
             "resweep_datagrams": self._counts["resweep_datagrams"],
             "naks_received": self._counts["naks_received"],
-            "passes": self._passes,
+            "passes": self._sched.passes,
             "per_receiver": {rid: m.summary() for rid, m in self._members.items()},
         }
 
