@@ -1,12 +1,23 @@
-"""Receiver-side reassembly of one object, and NAK building (docs/PROTOCOL.md §4.3)."""
+"""Receiver-side object bookkeeping and reassembly (docs/PROTOCOL.md §1.2, §4.3).
+
+Which objects (data blocks, manifest chunks) a receiver lacks, holds partly or has, and the
+buffers of the partly received ones. The data path lands here once per DATA datagram: a
+memoryview slice copied into a preallocated buffer and one byte set in a fragment map.
+"""
 
 from __future__ import annotations
 
+from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 
 from protocol import wire
+from protocol.config import EngineConfig
+from protocol.manifest import Manifest
+from protocol.rangeset import RangeSet
+from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, WireError
 
-#: Object states held in the receiver's per-block / per-chunk bytearrays.
+#: Object states held in the per-block / per-chunk bytearrays.
 NEEDED, PARTIAL, RECEIVED, VERIFIED, SKIP = 0, 1, 2, 3, 4
 
 
@@ -35,6 +46,156 @@ class Partial:
             out.append(start)
             start = got.find(0, start + 1)
         return out
+
+
+class Reassembly:
+    """Object states, the objects still needed (for STATUS), and partial buffers."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self._max_partial = config.max_partial_objects
+        self.blocks = bytearray()  #: state per block
+        self.chunk_states = bytearray()  #: state per manifest chunk
+        self.chunk_data: dict[int, bytes] = {}
+        #: objects in state NEEDED: what STATUS reports missing
+        self.needed = RangeSet()
+        self.partials: OrderedDict[int, Partial] = OrderedDict()
+        self._current = -1
+        self._fp = config.fragment_payload
+        self._manifest_size = 0
+        self._block_size = 0
+        self._stored_sizes: array[int] | None = None
+        self.fragments = self.duplicates = self.partials_dropped = 0
+        #: fragments thrown away since the last STATUS (reported as loss)
+        self.dropped_frags = 0
+
+    def start(self, a: wire.Announce) -> None:
+        """Size everything from the session's ANNOUNCE: every object is needed."""
+        chunks = -(-a.manifest_size // MANIFEST_CHUNK)
+        self.blocks = bytearray(a.block_count)
+        self.chunk_states = bytearray(chunks)
+        self.needed = RangeSet([(0, a.block_count), (MANIFEST_BASE, MANIFEST_BASE + chunks)])
+        self._fp = a.payload_size - wire.DATA_OVERHEAD
+        self._manifest_size = a.manifest_size
+        self._block_size = a.block_size
+
+    def apply_manifest(self, manifest: Manifest, data: RangeSet) -> None:
+        """Only DATA blocks are sent: the others are SKIP and never needed."""
+        self._stored_sizes = manifest.stored_sizes
+        for i, kind in enumerate(manifest.kinds):
+            if kind:
+                self.blocks[i] = SKIP
+        self.needed = self.needed.intersection(data)
+
+    def fragment(
+        self, obj: int, size: int, frag: int, payload: memoryview, now: float
+    ) -> Partial | None:
+        """Store one fragment; return the object's Partial once it is complete (and removed).
+
+        Raises WireError("invalid") for an object, size or length that cannot be right.
+        """
+        if obj < MANIFEST_BASE:
+            if obj >= len(self.blocks):
+                raise WireError("invalid", f"block {obj} beyond the image")
+            states, index = self.blocks, obj
+        else:
+            index = obj - MANIFEST_BASE
+            if index >= len(self.chunk_states):
+                raise WireError("invalid", f"manifest chunk {index} beyond the manifest")
+            states = self.chunk_states
+        if obj != self._current:
+            prev = self.partials.get(self._current)
+            if prev is not None:
+                prev.passed = True
+            self._current = obj
+        if states[index] >= RECEIVED:
+            self.duplicates += 1
+            return None
+        fp = self._fp
+        p = self.partials.get(obj)
+        if p is None:
+            self._check_size(obj, size)
+            p = self._new_partial(obj, size, states, index, now)
+        elif size != p.size:
+            raise WireError("invalid", f"object {obj} size changed")
+        n = len(payload)
+        if frag >= p.fragments or not n or n != min(fp, size - frag * fp):
+            raise WireError("invalid", f"fragment {frag} of object {obj} has a bad length")
+        got = p.got
+        if got[frag]:
+            self.duplicates += 1
+        else:
+            off = frag * fp
+            p.buf[off : off + n] = payload
+            got[frag] = 1
+            p.count += 1
+            self.fragments += 1
+        p.last_rx = now
+        p.passed = False
+        if p.count < p.fragments:
+            return None
+        del self.partials[obj]
+        return p
+
+    def _check_size(self, obj: int, size: int) -> None:
+        if obj >= MANIFEST_BASE:
+            k = obj - MANIFEST_BASE
+            if size != min(MANIFEST_CHUNK, self._manifest_size - k * MANIFEST_CHUNK):
+                raise WireError("invalid", f"manifest chunk {k} of {size} bytes")
+        elif self._stored_sizes is not None:
+            if size != self._stored_sizes[obj]:
+                raise WireError("invalid", f"block {obj} of {size} bytes disagrees with manifest")
+        elif not 0 < size <= self._block_size:
+            raise WireError("invalid", f"block {obj} of {size} bytes")
+
+    def _new_partial(
+        self, obj: int, size: int, states: bytearray, index: int, now: float
+    ) -> Partial:
+        if len(self.partials) >= self._max_partial:
+            # Memory stays bounded: the oldest partial goes back to "needed".
+            old_obj, old = self.partials.popitem(last=False)
+            self.forget(old_obj)
+            self.dropped_frags += old.count
+            self.partials_dropped += 1
+        p = Partial(size, -(-size // self._fp), now)
+        self.partials[obj] = p
+        states[index] = PARTIAL
+        self.needed.discard(obj, obj + 1)
+        return p
+
+    def state(self, obj: int) -> int:
+        if obj >= MANIFEST_BASE:
+            return self.chunk_states[obj - MANIFEST_BASE]
+        return self.blocks[obj]
+
+    def set_state(self, obj: int, state: int) -> None:
+        """Set an object's state; NEEDED puts it back in ``needed``, others take it out."""
+        if obj >= MANIFEST_BASE:
+            self.chunk_states[obj - MANIFEST_BASE] = state
+        else:
+            self.blocks[obj] = state
+        if state == NEEDED:
+            self.needed.add(obj, obj + 1)
+        else:
+            self.needed.discard(obj, obj + 1)
+
+    def forget(self, obj: int) -> None:
+        """Drop whatever we had of ``obj``: it is needed again."""
+        self.partials.pop(obj, None)
+        self.set_state(obj, NEEDED)
+
+    def due_naks(self, now: float, idle: float, repeat: float) -> list[tuple[int, Partial]]:
+        """Partial objects to NAK now (§4.3), by object."""
+        due = [
+            (obj, p)
+            for obj, p in self.partials.items()
+            if (p.passed or now - p.last_rx >= idle) and now - p.naked_at >= repeat
+        ]
+        due.sort(key=lambda item: item[0])
+        return due
+
+    def clear(self) -> None:
+        self.partials.clear()
+        self.chunk_data.clear()
 
 
 def nak_bodies(due: Sequence[tuple[int, Partial]], capacity: int) -> list[bytes]:

@@ -12,7 +12,7 @@ import hashlib
 import hmac
 import logging
 import random
-from collections import Counter, OrderedDict, deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
@@ -31,9 +31,9 @@ from protocol.events import (
 )
 from protocol.manifest import Manifest, ManifestError
 from protocol.rangeset import RangeSet
-from protocol.reassembly import NEEDED, PARTIAL, RECEIVED, SKIP, VERIFIED, Partial, nak_bodies
+from protocol.reassembly import NEEDED, PARTIAL, RECEIVED, VERIFIED, Partial, Reassembly, nak_bodies
 from protocol.sender import data_block_ranges
-from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, PacketType, Transmit, WireError
+from protocol.wire import MANIFEST_BASE, PacketType, Transmit, WireError
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class ReceiverSession:
         self._out: list[Transmit] = []
         self._dropped: Counter[str] = Counter()
         self._counts: Counter[str] = Counter()
-        self._n_datagrams = self._n_accepted = self._n_fragments = self._n_duplicates = 0
+        self._n_datagrams = self._n_accepted = 0
         self._ignored: set[tuple[int, int]] = set()
         self._session = 0
         self._sender_instance = 0
@@ -116,14 +116,8 @@ class ReceiverSession:
         self._declared: set[int] = set()
         # object bookkeeping (set up on JOIN_ACK / manifest)
         self.manifest: Manifest | None = None
-        self._blocks = bytearray()
-        self._chunk_states = bytearray()
-        self._chunk_data: dict[int, bytes] = {}
-        self._needed = RangeSet()
-        self._partials: OrderedDict[int, Partial] = OrderedDict()
+        self._objs = Reassembly(config)
         self._early: dict[int, bytes] = {}
-        self._current = -1
-        self._fp = config.fragment_payload
         self._data_total = 0
         self._verified = 0
         self._bytes_done = 0
@@ -146,7 +140,6 @@ class ReceiverSession:
         self._status_seq_base = 0
         self._rx_since = 0
         self._rx_bytes = 0
-        self._dropped_frags = 0
         self._bytes_since = 0
         self._last_status_at = now
         self._span_next = 0
@@ -173,12 +166,13 @@ class ReceiverSession:
             "blocks_done": self._verified,
             "blocks_total": self._data_total,
             "bytes_done": self._bytes_done,
-            "partial_objects": len(self._partials),
+            "partial_objects": len(self._objs.partials),
             "unverified": self._unverified,
             "datagrams": self._n_datagrams,
             "accepted": self._n_accepted,
-            "fragments": self._n_fragments,
-            "duplicates": self._n_duplicates,
+            "fragments": self._objs.fragments,
+            "duplicates": self._objs.duplicates,
+            "partials_dropped": self._objs.partials_dropped,
             **dict(self._counts),
             "dropped": dict(self._dropped),
         }
@@ -273,12 +267,15 @@ class ReceiverSession:
             self._declared |= wanted
             return
         for index in sorted(wanted):
-            if not 0 <= index < len(self._blocks):
+            if not 0 <= index < len(self._objs.blocks):
                 raise ValueError(f"block {index} is outside the image")
-            if self._blocks[index] in (NEEDED, PARTIAL):
-                self._partials.pop(index, None)
-                self._mark_verified(index)
+            self._take_have(index)
         self._check_all_verified()
+
+    def _take_have(self, index: int) -> None:
+        if self._objs.blocks[index] in (NEEDED, PARTIAL):
+            self._objs.partials.pop(index, None)
+            self._mark_verified(index)
 
     def block_verified(self, index: int, now: float) -> None:
         """The shell decoded block ``index``, checked its hash and wrote it."""
@@ -295,8 +292,7 @@ class ReceiverSession:
             return
         self._require_received(index)
         self._unverified -= 1
-        self._blocks[index] = NEEDED
-        self._needed.add(index, index + 1)
+        self._objs.set_state(index, NEEDED)
         self._failures[index] += 1
         self._counts["blocks_failed"] += 1
         if self._failures[index] >= self._config.max_block_failures:
@@ -337,9 +333,8 @@ class ReceiverSession:
     def _close(self) -> None:
         self._set_state(ReceiverState.CLOSED)
         self._next_join = self._next_status = self._nak_at = self._next_control = None
-        self._partials.clear()
+        self._objs.clear()
         self._early.clear()
-        self._chunk_data.clear()
 
     def _abort(self, reason: str, outcome: str = "aborted") -> None:
         self.outcome = outcome
@@ -349,7 +344,7 @@ class ReceiverSession:
     def _start_leave(self, now: float, code: wire.LeaveCode, text: str, need_ack: bool) -> None:
         self._set_state(ReceiverState.LEAVING)
         self._next_join = self._next_status = self._nak_at = None
-        self._partials.clear()
+        self._objs.clear()
         self._leave = (code, text, need_ack)
         self._leave_repeats = 3
         self._arm_control(now)
@@ -427,7 +422,6 @@ class ReceiverSession:
         self._session, self._sender_instance = hdr.session, hdr.instance
         self._sender, self._announce = addr, a
         self._last_heard = now
-        self._fp = a.payload_size - wire.DATA_OVERHEAD
         self._set_state(ReceiverState.JOINING)
         self._join_interval = self._config.join_interval
         self._join_deadline = now + self._config.join_timeout
@@ -462,10 +456,7 @@ class ReceiverSession:
         a = self._announce
         self._set_state(ReceiverState.RECEIVING)
         self._next_join = None
-        self._blocks = bytearray(a.block_count)
-        chunks = -(-a.manifest_size // MANIFEST_CHUNK)
-        self._chunk_states = bytearray(chunks)
-        self._needed = RangeSet([(0, a.block_count), (MANIFEST_BASE, MANIFEST_BASE + chunks)])
+        self._objs.start(a)
         self._data_total = a.data_blocks
         self._max_seq = self._status_seq_base = hdr.seq
         self._rx_since = 0
@@ -516,7 +507,7 @@ class ReceiverSession:
 
     def _on_data(self, body: memoryview, now: float) -> None:
         if self._state is not ReceiverState.RECEIVING:
-            self._n_duplicates += 1
+            self._objs.duplicates += 1
             return
         if len(body) <= _BODY_SIZE:
             raise WireError("malformed", "data without payload")
@@ -524,103 +515,28 @@ class ReceiverSession:
         self._on_fragment(obj, size, frag, body[_BODY_SIZE:], now)
 
     def _on_fragment(self, obj: int, size: int, frag: int, payload: memoryview, now: float) -> None:
-        if obj < MANIFEST_BASE:
-            if obj >= len(self._blocks):
-                raise WireError("invalid", f"block {obj} beyond the image")
-            states, index = self._blocks, obj
-        else:
-            index = obj - MANIFEST_BASE
-            if index >= len(self._chunk_states):
-                raise WireError("invalid", f"manifest chunk {index} beyond the manifest")
-            states = self._chunk_states
-        if obj != self._current:
-            prev = self._partials.get(self._current)
-            if prev is not None:
-                prev.passed = True
-            self._current = obj
-        if states[index] >= RECEIVED:
-            self._n_duplicates += 1
-            return
-        if not payload:
-            raise WireError("malformed", "data without payload")
-        fp = self._fp
-        p = self._partials.get(obj)
-        if p is None:
-            self._check_size(obj, size)
-            p = self._new_partial(obj, size, states, index, now)
-        elif size != p.size:
-            raise WireError("invalid", f"object {obj} size changed")
-        if frag >= p.fragments or len(payload) != min(fp, size - frag * fp):
-            raise WireError("invalid", f"fragment {frag} of object {obj} has a bad length")
-        got = p.got
-        if got[frag]:
-            self._n_duplicates += 1
-        else:
-            off = frag * fp
-            p.buf[off : off + len(payload)] = payload
-            got[frag] = 1
-            p.count += 1
-            self._n_fragments += 1
-        p.last_rx = now
-        p.passed = False
-        if p.count == p.fragments:
-            self._complete(obj, p, states, index, now)
-
-    def _check_size(self, obj: int, size: int) -> None:
-        if obj >= MANIFEST_BASE:
-            assert self._announce is not None
-            k = obj - MANIFEST_BASE
-            expected = min(MANIFEST_CHUNK, self._announce.manifest_size - k * MANIFEST_CHUNK)
-            if size != expected:
-                raise WireError("invalid", f"manifest chunk {k} of {size} bytes")
-            return
-        if self.manifest is not None:
-            if size != self.manifest.stored_sizes[obj]:
-                raise WireError(
-                    "invalid", f"block {obj} of {size} bytes disagrees with the manifest"
-                )
-        elif self._announce is not None and not 0 < size <= self._announce.block_size:
-            raise WireError("invalid", f"block {obj} of {size} bytes")
-
-    def _new_partial(
-        self, obj: int, size: int, states: bytearray, index: int, now: float
-    ) -> Partial:
-        if len(self._partials) >= self._config.max_partial_objects:
-            old_obj, old = self._partials.popitem(last=False)
-            self._forget_partial(old_obj)
-            self._dropped_frags += old.count
-            self._counts["partials_dropped"] += 1
-        p = Partial(size, -(-size // self._fp), now)
-        self._partials[obj] = p
-        states[index] = PARTIAL
-        self._needed.discard(obj, obj + 1)
-        if self._nak_at is None:
+        done = self._objs.fragment(obj, size, frag, payload, now)
+        if self._nak_at is None and self._objs.partials:
             start = max(now, self._last_nak + self._config.nak_interval)
             self._nak_at = start + self._rng.uniform(0, self._config.nak_delay)
-        return p
+        if done is not None:
+            self._complete(obj, done, now)
 
-    def _forget_partial(self, obj: int) -> None:
+    def _complete(self, obj: int, p: Partial, now: float) -> None:
+        objs = self._objs
         if obj >= MANIFEST_BASE:
-            self._chunk_states[obj - MANIFEST_BASE] = NEEDED
-        else:
-            self._blocks[obj] = NEEDED
-        self._needed.add(obj, obj + 1)
-
-    def _complete(self, obj: int, p: Partial, states: bytearray, index: int, now: float) -> None:
-        del self._partials[obj]
-        if obj >= MANIFEST_BASE:
-            states[index] = RECEIVED
-            self._chunk_data[index] = bytes(p.buf)
-            if len(self._chunk_data) == len(self._chunk_states):
+            objs.set_state(obj, RECEIVED)
+            objs.chunk_data[obj - MANIFEST_BASE] = bytes(p.buf)
+            if len(objs.chunk_data) == len(objs.chunk_states):
                 self._manifest_complete(now)
             return
         if self._unverified >= self._config.max_unverified_blocks:
             # The shell is behind: drop, report it as loss, get it again later.
-            self._forget_partial(obj)
-            self._dropped_frags += p.count
+            objs.forget(obj)
+            objs.dropped_frags += p.count
             self._counts["backlog_drops"] += 1
             return
-        states[index] = RECEIVED
+        objs.set_state(obj, RECEIVED)
         self._unverified += 1
         self._counts["blocks_received"] += 1
         if self.manifest is None:
@@ -632,8 +548,9 @@ class ReceiverSession:
 
     def _manifest_complete(self, now: float) -> None:
         assert self._announce is not None
-        data = b"".join(self._chunk_data[k] for k in range(len(self._chunk_states)))
-        self._chunk_data.clear()
+        chunks = self._objs.chunk_data
+        data = b"".join(chunks[k] for k in range(len(self._objs.chunk_states)))
+        chunks.clear()
         a = self._announce
         if hashlib.sha256(data).digest() != a.digest:
             self.fail(now, "the manifest received does not match the announced digest")
@@ -653,15 +570,11 @@ class ReceiverSession:
             return
         self.manifest = manifest
         self._data_total = len(data_ranges)
-        for i, kind in enumerate(manifest.kinds):
-            if kind:
-                self._blocks[i] = SKIP
-        self._needed = self._needed.intersection(data_ranges)
+        self._objs.apply_manifest(manifest, data_ranges)
         self._events.append(ManifestReceived(manifest, data))
         for index in sorted(self._declared):
-            if 0 <= index < len(self._blocks) and self._blocks[index] in (NEEDED, PARTIAL):
-                self._partials.pop(index, None)
-                self._mark_verified(index)
+            if 0 <= index < len(self._objs.blocks):
+                self._take_have(index)
         self._declared.clear()
         self._release_early()
         self._check_all_verified()
@@ -669,25 +582,25 @@ class ReceiverSession:
     def _release_early(self) -> None:
         assert self.manifest is not None
         for obj, payload in sorted(self._early.items()):
-            if self._blocks[obj] == RECEIVED and len(payload) == self.manifest.stored_sizes[obj]:
+            state = self._objs.blocks[obj]
+            if state == RECEIVED and len(payload) == self.manifest.stored_sizes[obj]:
                 self._events.append(BlockReceived(obj, payload))
                 continue
             self._counts["early_blocks_invalid"] += 1
             self._unverified -= 1
-            if self._blocks[obj] == RECEIVED:
-                self._forget_partial(obj)
+            if state == RECEIVED:
+                self._objs.forget(obj)
         self._early.clear()
 
     # -- progress -------------------------------------------------------------------------
 
     def _require_received(self, index: int) -> None:
-        if not 0 <= index < len(self._blocks) or self._blocks[index] != RECEIVED:
+        if not 0 <= index < len(self._objs.blocks) or self._objs.blocks[index] != RECEIVED:
             raise ValueError(f"block {index} was not handed out by BlockReceived (or was settled)")
 
     def _mark_verified(self, index: int) -> None:
         assert self.manifest is not None
-        self._blocks[index] = VERIFIED
-        self._needed.discard(index, index + 1)
+        self._objs.set_state(index, VERIFIED)
         self._verified += 1
         length = self.manifest.block_length(index)
         self._bytes_done += length
@@ -737,32 +650,27 @@ class ReceiverSession:
 
     def _send_naks(self, now: float) -> None:
         cfg = self._config
-        due = [
-            (obj, p)
-            for obj, p in self._partials.items()
-            if (p.passed or now - p.last_rx >= cfg.nak_idle) and now - p.naked_at >= cfg.nak_repeat
-        ]
+        due = self._objs.due_naks(now, cfg.nak_idle, cfg.nak_repeat)
         if due:
-            due.sort(key=lambda item: item[0])
             for body in nak_bodies(due, self._capacity(0)):
                 self._send(PacketType.NAK, body)
                 self._counts["naks_sent"] += 1
             for _obj, p in due:
                 p.naked_at = now
             self._last_nak = now
-        self._nak_at = now + self._jitter(cfg.nak_interval) if self._partials else None
+        self._nak_at = now + self._jitter(cfg.nak_interval) if self._objs.partials else None
 
     def _send_status(self, now: float) -> None:
         expected = (self._max_seq - self._status_seq_base) & 0xFFFFFFFF
-        lost = max(0, expected - self._rx_since) + self._dropped_frags
+        lost = max(0, expected - self._rx_since) + self._objs.dropped_frags
         loss = min(1.0, lost / expected) if expected else 0.0
         elapsed = max(now - self._last_status_at, 1e-6)
         write_bps = int(self._bytes_since / elapsed)
         rx_bps = int(self._rx_bytes * 8 / elapsed)
-        self._status_seq_base, self._rx_since, self._dropped_frags = self._max_seq, 0, 0
+        self._status_seq_base, self._rx_since, self._objs.dropped_frags = self._max_seq, 0, 0
         self._rx_bytes = 0
         self._bytes_since, self._last_status_at = 0, now
-        ranges = self._needed.ranges_from(self._span_next)
+        ranges = self._objs.needed.ranges_from(self._span_next)
         encoded, used = wire.encode_ranges(ranges, self._capacity(wire.STATUS.size))
         span_start = self._span_next
         span_end = 0 if used == len(ranges) else ranges[used][0]
