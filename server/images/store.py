@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import re
@@ -176,11 +177,12 @@ class ImageStore:
         out = []
         for name in self.image_names():
             try:
-                _, manifest = self.load_manifest(name)
+                data, manifest = self.load_manifest(name)
             except StoreError as exc:
                 log.warning("%s", exc)
                 continue
-            out.append(ImageInfo(name, manifest, manifest.digest()))
+            # The file holds canonical bytes (add_image writes to_bytes()), so this is digest().
+            out.append(ImageInfo(name, manifest, hashlib.sha256(data).digest()))
         return out
 
     # -- writing blocks ---------------------------------------------------------------
