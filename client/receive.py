@@ -24,6 +24,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,6 +112,7 @@ class Receiver:
             loop=loop,
             default_addr=(self.group, self.port),
             on_event=self._on_event,
+            on_error=self._internal_error,
         )
         self._transport.start()
         try:
@@ -118,8 +120,7 @@ class Receiver:
                 await self._wait_outcome(timeout)
             except asyncio.CancelledError:  # Ctrl-C / SIGTERM: tell the sender, then stop
                 self._finish(ABORTED, "interrupted")
-                session.fail(loop.time(), "receiver interrupted by its operator")
-                self._transport.process()
+                self._call(session.fail, loop.time(), "receiver interrupted by its operator")
                 await self._linger()
                 raise
             await self._linger()
@@ -144,8 +145,7 @@ class Receiver:
                 return
             if deadline is not None and loop.time() >= deadline:
                 self._finish(ABORTED, f"no result after --timeout {timeout:g} s")
-                self.session.fail(loop.time(), self.outcome.reason)
-                self._transport.process()
+                self._call(self.session.fail, loop.time(), self.outcome.reason)
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._done.wait(), 0.5)
@@ -238,15 +238,13 @@ class Receiver:
             self._verified_bytes += self.outcome.manifest.block_length(index)
             if self.progress is not None:
                 self.progress.update(self._verified_bytes)
-            self.session.block_verified(index, now)
+            self._call(self.session.block_verified, index, now)
         else:
-            self.session.block_failed(index, now, error)
-        self._poke()
+            self._call(self.session.block_failed, index, now, error)
 
     def _disk_error(self, exc: DiskError) -> None:
         self._finish(FAILED, str(exc))
-        self.session.fail(self._now(), str(exc))
-        self._poke()
+        self._call(self.session.fail, self._now(), str(exc))
 
     def _resume(self) -> None:
         if self._transport is not None:
@@ -259,8 +257,7 @@ class Receiver:
         except DiskError as exc:
             self._disk_error(exc)
             return
-        self.session.blocks_durable(self._now())
-        self._poke()
+        self._call(self.session.blocks_durable, self._now())
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -274,11 +271,17 @@ class Receiver:
         """Let the session finish its closing exchange (bounded by LINGER seconds)."""
         deadline = time.monotonic() + LINGER
         while not self.session.finished and time.monotonic() < deadline:
+            if self._transport is None or self._transport.closed:
+                return
             await asyncio.sleep(0.05)
 
-    def _poke(self) -> None:
+    def _call(self, fn: Callable[..., object], *args: object) -> None:
+        """A session call from outside the transport's callbacks, guarded like them."""
         if self._transport is not None:
-            self._transport.process()
+            self._transport.call(fn, *args)
+
+    def _internal_error(self, exc: BaseException) -> None:
+        self._finish(FAILED, f"internal error in the receiver: {exc!r}")
 
     def _now(self) -> float:
         return asyncio.get_running_loop().time()

@@ -101,6 +101,7 @@ class SessionTransport:
         loop: asyncio.AbstractEventLoop,
         default_addr: tuple[str, int],
         on_event: Callable[[object], None],
+        on_error: Callable[[BaseException], None] = lambda exc: None,
         copy_datagrams: bool = True,
     ) -> None:
         self.session = session
@@ -109,6 +110,7 @@ class SessionTransport:
         self._loop = loop
         self._default_addr = default_addr
         self._on_event = on_event
+        self._on_error = on_error
         self._copy = copy_datagrams
         self._buf = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buf)
@@ -120,7 +122,30 @@ class SessionTransport:
     def start(self) -> None:
         """Start reading and arm the session's first timer."""
         self.resume_reading()
-        self.process()
+        self.call(self.process)
+
+    @property
+    def closed(self) -> bool:
+        """True once closed (after close() or an internal error)."""
+        return self._closed
+
+    def call(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` (a session call), then ``process()``.
+
+        An exception from the session is a bug, not a network condition: it is logged
+        once, I/O stops, and ``on_error`` gets it, so the shell ends with a failure
+        instead of retrying the same crash on every datagram and timer.
+        """
+        if self._closed:
+            return
+        try:
+            fn(*args)
+            if fn != self.process:
+                self.process()
+        except Exception as exc:
+            log.exception("the session failed internally; stopping")
+            self.close()
+            self._on_error(exc)
 
     def pause_reading(self) -> None:
         """Stop reading the socket (datagrams wait in the kernel buffer)."""
@@ -131,7 +156,7 @@ class SessionTransport:
     def resume_reading(self) -> None:
         """Read the socket again."""
         if not self._reading and not self._closed:
-            self._loop.add_reader(self.sock.fileno(), self._on_readable)
+            self._loop.add_reader(self.sock.fileno(), self.call, self._on_readable)
             self._reading = True
 
     def process(self) -> None:
@@ -154,7 +179,9 @@ class SessionTransport:
         self._arm_timer(session.get_timer())
 
     def close(self) -> None:
-        """Stop reading, cancel the timer and close the socket."""
+        """Stop reading, cancel the timer and close the socket (idempotent)."""
+        if self._closed:
+            return
         self.pause_reading()
         self._closed = True
         if self._timer is not None:
@@ -180,7 +207,6 @@ class SessionTransport:
             session.receive_datagram(bytes(view[:n]) if self._copy else view[:n], addr, now)
             if not self._reading:
                 break
-        self.process()
 
     def _transmit(self, transmit: Any) -> None:
         addr = transmit.addr or self._default_addr
@@ -205,10 +231,9 @@ class SessionTransport:
             self._timer = None
         self._timer_at = when
         if when is not None:
-            self._timer = self._loop.call_at(when, self._on_timer)
+            self._timer = self._loop.call_at(when, self.call, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
         self.session.handle_timer(self._loop.time())
-        self.process()

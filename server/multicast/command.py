@@ -141,6 +141,8 @@ def send_main(argv: Sequence[str]) -> int:
     if live is not None:
         live.close()
     print(summary_line(report), file=sys.stderr)
+    if "error" in report.summary:
+        print(f"fleetcast send: {report.summary['error']}", file=sys.stderr)
     for rec in report.receivers.values():
         if rec.state != "completed":
             print(
@@ -169,7 +171,7 @@ async def _interruptible(runner: SessionRunner) -> SendReport:
 def exit_code(report: SendReport) -> int:
     """The truth about a session, as an exit status."""
     completed = report.count("completed")
-    if report.outcome == "aborted":
+    if report.outcome in ("aborted", "error"):
         return EXIT_ERROR
     if completed == 0:
         return EXIT_NONE

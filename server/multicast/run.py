@@ -22,6 +22,7 @@ from protocol import events as ev
 from protocol.config import EngineConfig
 from protocol.manifest import Manifest
 from protocol.sender import SenderSession
+from server.multicast.readahead import ReadAhead
 from server.multicast.sender import SenderTransport, open_sender_socket
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ class SendReport:
     manifest: Manifest
     receivers: dict[int, ReceiverRecord] = field(default_factory=dict)
     elapsed: float = 0.0
-    outcome: str = ""  #: SessionEnded.outcome: completed, partial, aborted, no-receivers
+    #: SessionEnded.outcome (completed, partial, aborted, no-receivers), or "error"
+    outcome: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
     wire: dict[str, Any] = field(default_factory=dict)
     session: dict[str, Any] = field(default_factory=dict)
@@ -100,13 +102,9 @@ class SessionRunner:
         self.config = config or EngineConfig(rate_bps=options.rate_bps, auto_rate=options.auto_rate)
         self.report = SendReport(image=name, manifest=manifest)
         self._manifest_bytes = manifest_bytes
-        self._read_payload = read_payload
+        self.read_ahead = ReadAhead(manifest, read_payload)
         self._on_update = on_update
         self.transport: SenderTransport | None = None
-
-    def read_block(self, index: int) -> bytes:
-        """The stored payload of data block ``index`` (the session's read_block)."""
-        return self._read_payload(self.report.manifest.digest_of(index))
 
     async def run(self) -> SendReport:
         """Send until every receiver has ended (or none came); raises SenderSocketError."""
@@ -117,7 +115,7 @@ class SessionRunner:
             session_id=o.session_id,
             key=o.key,
             manifest_bytes=self._manifest_bytes,
-            read_block=self.read_block,
+            read_block=self.read_ahead,
             config=self.config,
             now=loop.time(),
             rng=random.Random(),
@@ -127,7 +125,13 @@ class SessionRunner:
         self.session = session
         sock = open_sender_socket(o.iface, ttl=o.ttl)
         self.transport = SenderTransport(
-            session, sock, loop=loop, group=(o.group, o.port), on_event=self._on_event, gso=o.gso
+            session,
+            sock,
+            loop=loop,
+            group=(o.group, o.port),
+            on_event=self._on_event,
+            on_error=self._internal_error,
+            gso=o.gso,
         )
         self.transport.start()
         try:
@@ -143,6 +147,9 @@ class SessionRunner:
             self.report.wire = vars(self.transport.stats).copy()
             self.report.session = _as_dict(getattr(session, "stats", None))
             self.transport.close()
+            self.read_ahead.close()
+            self.report.wire["readahead_hits"] = self.read_ahead.hits
+            self.report.wire["readahead_misses"] = self.read_ahead.misses
         return self.report
 
     # -- events -------------------------------------------------------------------------
@@ -190,6 +197,10 @@ class SessionRunner:
 
     def _failed(self, event: ev.ReceiverFailed) -> None:
         self._end(event, "failed", event.reason)
+
+    def _internal_error(self, exc: BaseException) -> None:
+        self.report.outcome = "error"
+        self.report.summary["error"] = f"internal error in the sender: {exc!r}"
 
     def _left(self, event: ev.ReceiverLeft) -> None:
         self._end(event, "left", event.reason)

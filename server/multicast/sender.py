@@ -110,6 +110,7 @@ class SenderTransport:
         loop: asyncio.AbstractEventLoop,
         group: tuple[str, int],
         on_event: Callable[[object], None],
+        on_error: Callable[[BaseException], None] = lambda exc: None,
         gso: bool = True,
     ) -> None:
         self.session = session
@@ -119,6 +120,7 @@ class SenderTransport:
         self.finished = asyncio.Event()
         self._loop = loop
         self._on_event = on_event
+        self._on_error = on_error
         self._buf = bytearray(MAX_DATAGRAM)
         self._view = memoryview(self._buf)
         self._pending: collections.deque[tuple[memoryview, int, tuple[str, int]]] = (
@@ -131,8 +133,25 @@ class SenderTransport:
 
     def start(self) -> None:
         """Start reading receivers' datagrams and run the session."""
-        self._loop.add_reader(self.sock.fileno(), self._on_readable)
-        self.process()
+        self._loop.add_reader(self.sock.fileno(), self.call, self._on_readable)
+        self.call(self.process)
+
+    def call(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` then ``process()``; a session exception stops the session.
+
+        Such an exception is a bug (network input never raises): it is logged once, I/O
+        stops, ``finished`` is set and ``on_error`` gets it.
+        """
+        if self._closed:
+            return
+        try:
+            fn(*args)
+            if fn != self.process:
+                self.process()
+        except Exception as exc:
+            log.exception("the sender session failed internally; stopping")
+            self.close()
+            self._on_error(exc)
 
     def process(self) -> None:
         """Drain events, send what the session wants sent, re-arm its timer."""
@@ -229,19 +248,15 @@ class SenderTransport:
     def _wait_writable(self) -> None:
         self.stats.blocked += 1
         if not self._writer:
-            self._loop.add_writer(self.sock.fileno(), self._on_writable)
+            self._loop.add_writer(self.sock.fileno(), self.call, self._on_writable)
             self._writer = True
 
     def _wait_later(self) -> None:
         self.stats.blocked += 1
-        self._loop.call_later(NOBUFS_RETRY, self._on_writable)
+        self._loop.call_later(NOBUFS_RETRY, self.call, self._on_writable)
 
     def _on_writable(self) -> None:
-        if self._closed:
-            return
         self._flush()
-        if not self._pending:
-            self.process()
 
     # -- receiving and time -------------------------------------------------------------
 
@@ -257,7 +272,6 @@ class SenderTransport:
                 continue
             self.stats.datagrams_in += 1
             self.session.receive_datagram(bytes(self._view[:n]), addr, now)
-        self.process()
 
     def _arm_timer(self, when: float | None) -> None:
         if when == self._timer_at and self._timer is not None:
@@ -267,15 +281,12 @@ class SenderTransport:
             self._timer = None
         self._timer_at = when
         if when is not None:
-            self._timer = self._loop.call_at(when, self._on_timer)
+            self._timer = self._loop.call_at(when, self.call, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        if self._closed:
-            return
         self.session.handle_timer(self._loop.time())
-        self.process()
 
 
 _SEG = struct.Struct("=H")

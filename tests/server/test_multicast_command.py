@@ -57,6 +57,7 @@ def test_exit_code_tells_the_truth() -> None:
     assert exit_code(_report("evicted", outcome="partial")) == EXIT_NONE
     assert exit_code(_report(outcome="no-receivers")) == EXIT_NONE
     assert exit_code(_report("completed", outcome="aborted")) == EXIT_ERROR
+    assert exit_code(_report("completed", outcome="error")) == EXIT_ERROR
 
 
 def test_summary_counts_every_ending() -> None:

@@ -157,3 +157,27 @@ def test_an_interface_without_an_address_is_a_clear_error() -> None:
     assert interface_address("lo") == "127.0.0.1"
     with pytest.raises(SenderSocketError, match="no IPv4 address or does not exist"):
         open_sender_socket("nosuchif0")
+
+
+async def test_a_session_bug_stops_the_shell_once_instead_of_spinning() -> None:
+    class Broken(ScriptedSession):
+        calls = 0
+
+        def datagrams_to_send(self, now: float) -> list[Tx]:
+            Broken.calls += 1
+            raise RuntimeError("bug in the core")
+
+    errors: list[BaseException] = []
+    tr = SenderTransport(
+        Broken([]),
+        open_sender_socket("lo"),
+        loop=asyncio.get_running_loop(),
+        group=("127.0.0.1", 9),
+        on_event=lambda e: None,
+        on_error=errors.append,
+    )
+    tr.start()
+    await asyncio.wait_for(tr.finished.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert Broken.calls == 1
+    assert [str(e) for e in errors] == ["bug in the core"]
