@@ -271,3 +271,22 @@ def test_without_a_used_map_every_block_is_kept_with_one_warning(
     out = tmp_path / "out.img"
     export_image(store, "d", out)
     assert out.read_bytes() == src.read_bytes()
+
+
+def test_missing_block_file_is_reported_and_gc_keeps_referenced_blocks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLEETCAST_DATA", str(tmp_path / "data"))
+    src = sparse_disk(tmp_path / "d.img", 3 * MIB, {0: text(MIB, "a"), 2 * MIB: text(MIB, "b")})
+    assert image_main(["capture", str(src), "--name", "img"]) == 0
+    assert image_main(["info", "img", "--json"]) == 0
+    info = capsys.readouterr().out
+    assert '"image_size": 3145728' in info and '"blocks"' not in info
+    assert image_main(["gc"]) == 0
+    assert "removed 0 unreferenced blocks" in capsys.readouterr().out
+    store = ImageStore(tmp_path / "data" / "images")
+    _, m = store.load_manifest("img")
+    store.block_path(m.digest_of(2)).unlink()
+    assert image_main(["verify", "img"]) == 1
+    err = capsys.readouterr().err
+    assert "block 2 (offset 2097152)" in err and "missing" in err
