@@ -360,3 +360,49 @@ def test_forged_foreign_and_replayed_datagrams_are_counted_and_change_nothing() 
     assert dropped["foreign_session"] >= 5 * len(frags)
     assert net.sender.stats["dropped"]["replayed"] >= 1
     _no_internal_errors(net)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_start_survives_heavy_loss_of_control_datagrams(seed: int) -> None:
+    lossy = Link(drop=0.3, dup=0.05, reorder=0.1)
+    net = SimNet(
+        seed,
+        make_image(random.Random(seed), blocks=3),
+        min_receivers=6,
+        up=lossy,
+        down=Link(drop=0.1),
+    )
+    rs = [net.add_receiver(f"r{i}") for i in range(6)]
+    net.run(limit=60)
+    assert [net.outcome(r) for r in rs] == ["completed"] * 6
+    assert _sender_events(net, ev.TransferStarted) == [ev.TransferStarted(6)]
+
+
+def test_a_done_never_acknowledged_is_not_reported_as_success() -> None:
+    config = EngineConfig(auto_rate=False, rate_bps=50_000_000, control_timeout=2.0)
+    net = SimNet(23, make_image(random.Random(23), blocks=3), config, min_receivers=1)
+    r = net.add_receiver("r")
+    orig = net._to_receiver
+
+    def no_acks(rr, d):  # type: ignore[no-untyped-def]
+        if d[3] != wire.PacketType.DONE_ACK:
+            orig(rr, d)
+
+    net._to_receiver = no_acks  # type: ignore[method-assign]
+    net.run(limit=30)
+    assert any(isinstance(e, ev.AllBlocksVerified) for e in r.events)
+    assert not any(isinstance(e, ev.Completed) for e in r.events)
+    assert r.session.outcome == "unacknowledged"
+    assert "never acknowledged DONE" in net.outcome(r)
+
+
+def test_a_receiver_never_completes_before_the_shell_made_blocks_durable() -> None:
+    net = SimNet(24, make_image(random.Random(24), blocks=4), min_receivers=1)
+    r = net.add_receiver("r", fsync_delay=3.0)
+    net.run(limit=30)
+    verified_at = r.events.index(next(e for e in r.events if isinstance(e, ev.AllBlocksVerified)))
+    assert isinstance(r.events[-1], ev.Completed) and len(r.events) - 1 > verified_at
+    assert r.finished_at is not None and r.finished_at >= 3.0
+    with pytest.raises(ValueError, match="before AllBlocksVerified"):
+        fresh = ReceiverSession(key=KEY, config=net.config, now=0.0, rng=random.Random(1))
+        fresh.blocks_durable(0.0)

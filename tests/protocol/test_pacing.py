@@ -1,0 +1,100 @@
+"""The pacer: a rate cap holds, and auto mode finds what the path takes (PROTOCOL.md §5)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from simnet import Link, SimNet, make_image
+
+from protocol.config import EngineConfig
+from protocol.pacing import Pacer
+
+
+def _drain(p: Pacer, now: float, size: int) -> int:
+    sent = 0
+    while p.ready(now):
+        p.consume(size)
+        sent += size
+    return sent
+
+
+def test_the_bucket_releases_the_rate_and_no_more() -> None:
+    config = EngineConfig(auto_rate=False, rate_bps=80_000_000, burst_bytes=64 << 10)
+    p = Pacer(config, 0.0)
+    sent = _drain(p, 0.0, 1472)
+    now = 0.0
+    while now < 1.0:
+        now = p.ready_at(now)
+        sent += _drain(p, now, 1472)
+    # 10 MB/s for one second, plus at most one burst and one datagram of debt.
+    assert 10_000_000 - 1472 <= sent <= 10_000_000 + (64 << 10) + 1472
+
+
+def test_unpaced_means_always_ready() -> None:
+    p = Pacer(EngineConfig(auto_rate=False, rate_bps=None), 0.0)
+    assert not p.paced and p.ready(0.0) and p.ready_at(5.0) == 5.0
+
+
+def test_auto_rate_grows_without_loss_and_never_passes_the_cap() -> None:
+    config = EngineConfig(auto_rate=True, initial_rate_bps=100_000_000, rate_bps=400_000_000)
+    p = Pacer(config, 0.0)
+    for i in range(1, 40):
+        p.adjust(i * 0.1, [(0.0, 0)])
+    assert p.rate_bps == 400_000_000
+
+
+def test_auto_rate_cuts_to_what_got_through_and_ignores_one_lossy_receiver() -> None:
+    config = EngineConfig(auto_rate=True, initial_rate_bps=500_000_000)
+    p = Pacer(config, 0.0)
+    p.adjust(0.1, [(0.0, 0), (0.01, 0), (0.02, 0), (0.9, 50_000_000)])  # one outlier
+    assert p.rate_bps is not None and p.rate_bps > 500_000_000
+    p.adjust(0.2, [(0.6, 200_000_000)] * 4)
+    assert p.rate_bps == pytest.approx(180_000_000, rel=0.01)
+    p.adjust(0.3, [(0.6, 100_000_000)] * 4)  # too soon: reports of the old rate
+    assert p.rate_bps == pytest.approx(180_000_000, rel=0.01)
+
+
+def test_background_loss_below_the_threshold_does_not_slow_the_session() -> None:
+    config = EngineConfig(auto_rate=True, initial_rate_bps=100_000_000)
+    p = Pacer(config, 0.0)
+    for i in range(1, 20):
+        p.adjust(i * 0.1, [(0.02, 0)] * 8)
+    assert p.rate_bps is not None and p.rate_bps > 100_000_000 and p.decreases == 0
+
+
+def test_a_rate_cap_holds_over_a_whole_session() -> None:
+    config = EngineConfig(auto_rate=False, rate_bps=20_000_000)
+    image = make_image(random.Random(21), blocks=40)
+    net = SimNet(21, image, config, min_receivers=2)
+    rs = [net.add_receiver(f"r{i}") for i in range(2)]
+    sent: list[tuple[float, int]] = []
+    orig = net._from_sender
+
+    def record(t):  # type: ignore[no-untyped-def]
+        sent.append((net.now, len(t.data)))
+        orig(t)
+
+    net._from_sender = record  # type: ignore[method-assign]
+    net.run()
+    assert all(net.outcome(r) == "completed" for r in rs)
+    for start in (0.1, 0.3, 0.5):
+        window = sum(n for t, n in sent if start <= t < start + 0.2)
+        assert window * 8 / 0.2 <= 20_000_000 * 1.05 + 8 * (64 << 10) / 0.2
+
+
+@pytest.mark.parametrize("capacity", [40_000_000, 150_000_000])
+def test_auto_rate_settles_near_a_bottleneck_and_everyone_finishes(capacity: int) -> None:
+    image = make_image(random.Random(22), blocks=400)
+    bottleneck = Link(capacity_bps=capacity, buffer_bytes=256 << 10)
+    net = SimNet(22, image, EngineConfig(auto_rate=True), min_receivers=3, down=bottleneck)
+    rs = [net.add_receiver(f"r{i}") for i in range(3)]
+    net.run(limit=120)
+    for r in rs:
+        assert net.outcome(r) == "completed"
+        net.check_disk(r)
+    rate = net.sender.rate_bps
+    assert rate is not None and 0.5 * capacity <= rate <= 1.5 * capacity
+    ideal = image.stored_bytes * 8 / capacity
+    finished = max(r.finished_at or 0.0 for r in rs)
+    assert finished < 2.0 * ideal + 0.5
