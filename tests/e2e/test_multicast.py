@@ -7,6 +7,7 @@ file hashes to the image's SHA-256 (unused blocks read as zeros on a fresh file)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -261,3 +262,29 @@ def test_stopping_the_sender_aborts_receivers_and_says_so(
     assert "aborted" in fleet.log("sender")
     assert fleet.wait(receiver, node.name, 30) == RECEIVE_ABORTED, fleet.log(node.name)
     assert "ABORTED" in fleet.log(node.name)
+
+
+def test_a_used_block_device_ends_identical_to_the_image(
+    make_fleet: Callable[..., Fleet], small_image: BuiltImage, tmp_path: Path
+) -> None:
+    size = small_image.manifest.image_size
+    backing = tmp_path / "used-disk"
+    backing.write_bytes(b"\xee" * (12 << 20))  # an old install: zero blocks must be zeroed
+    dev = subprocess.run(
+        ["losetup", "-f", "--show", str(backing)], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    try:
+        fleet = make_fleet(small_image, 1)
+        node = fleet.lab.receivers[0]
+        receiver = fleet.receive(node, dev)
+        sender = fleet.send("--max-wait", "20")
+        assert fleet.wait(receiver, node.name, 40) == RECEIVE_OK, fleet.log(node.name)
+        assert fleet.wait(sender, "sender", 40) == SEND_OK, fleet.log("sender")
+        with open(dev, "rb") as f:
+            copy = f.read(size)
+            rest = f.read()
+        assert hashlib.sha256(copy).digest() == small_image.sha256
+        assert rest == b"\xee" * (len(rest))  # beyond the image: untouched
+        assert fleet.stats(node)["target"]["zero_method"] in ("blkzeroout", "write")
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
