@@ -271,14 +271,15 @@ class ImageStore:
         with self._exclusive():
             if not path.exists():
                 raise ImageNotFound(f"no image named {name!r} in {self.root}")
+            referenced = self._referenced(exclude=name)  # fails before deleting anything
             path.unlink()
             _fsync_dir(self.manifests_dir)
-            return self._sweep()
+            return self._sweep(referenced)
 
     def gc(self) -> SweepResult:
         """Remove blocks no image references and every temp file (mark and sweep)."""
         with self._exclusive():
-            return self._sweep()
+            return self._sweep(self._referenced())
 
     def discard_blocks(self, digests: set[bytes]) -> bool:
         """Remove these blocks if no image references them and the store is not in use.
@@ -295,19 +296,28 @@ class ImageStore:
                     with contextlib.suppress(FileNotFoundError):
                         self.block_path(d).unlink()
                 return True
-        except StoreBusy:
+        except (StoreBusy, StoreError):
             return False
 
-    def _referenced(self) -> set[bytes]:
+    def _referenced(self, exclude: str | None = None) -> set[bytes]:
+        """Digests of every block some image uses; StoreError if a manifest is damaged
+        (sweeping then could delete the blocks of an image that is only unreadable)."""
         refs: set[bytes] = set()
         for name in self.image_names():
-            _, m = self.load_manifest(name)
+            if name == exclude:
+                continue
+            try:
+                _, m = self.load_manifest(name)
+            except StoreError as exc:
+                raise StoreError(
+                    f"{exc}; no block is removed until that manifest is repaired or deleted"
+                ) from None
             refs |= m.unique_digests()
         return refs
 
-    def _sweep(self) -> SweepResult:
-        """Mark every referenced block, remove the rest; caller holds the exclusive lock."""
-        referenced = {d.hex() for d in self._referenced()}
+    def _sweep(self, refs: set[bytes]) -> SweepResult:
+        """Remove blocks not in ``refs``; the caller holds the exclusive lock."""
+        referenced = {d.hex() for d in refs}
         blocks = nbytes = temps = 0
         if self.blocks_dir.is_dir():
             for shard in self.blocks_dir.iterdir():
@@ -384,6 +394,8 @@ class ImageStore:
         try:
             result = self._sweep_orphans()
             log.info("removed %d orphan blocks left by an interrupted capture", result)
+        except StoreError as exc:
+            log.warning("orphan blocks left for later: %s", exc)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
 

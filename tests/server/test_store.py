@@ -170,3 +170,17 @@ def test_next_writer_removes_what_a_killed_writer_left(tmp_path: Path) -> None:
         pass
     assert len(block_files(store)) == 1
     assert [p.name for p in store.tmp_dir.iterdir()] == []
+
+
+def test_a_damaged_manifest_stops_sweeping_so_its_blocks_survive(tmp_path: Path) -> None:
+    store = ImageStore(tmp_path)
+    add(store, "ok", [1])
+    broken = add(store, "broken", [2])
+    add(store, "gone", [3])
+    store.manifest_path("broken").write_bytes(b"not json")
+    with pytest.raises(StoreError, match="repaired or deleted"):
+        store.gc()
+    with pytest.raises(StoreError, match="repaired or deleted"):
+        store.delete_image("gone")
+    assert store.exists("gone")  # nothing was deleted
+    assert store.has_block(broken.digest_of(0))
