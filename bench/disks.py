@@ -3,8 +3,10 @@
 ``make_realistic_disk`` builds what a lab's golden image looks like: a GPT partition table
 and one ext4 partition filled with real files copied from this machine (``/usr/share``,
 ``/usr/lib``), some of which are then deleted so that free space holds old data, the rest of
-the disk never written (sparse zeros). It is built without mounting anything: ``mkfs.ext4 -d``
-on a file, ``debugfs -w`` to delete, ``sfdisk`` for the table, then a sparse copy into place.
+the disk never written (sparse zeros). It is built without mounting anything: ``mkfs.ext4``
+on a file, ``debugfs -w`` to write the files and delete some (with a fixed clock, so inode
+times do not depend on when it was built), ``sfdisk`` for the table, then a sparse copy into
+place. A 64 MiB disk takes about a second, 1 GiB about five.
 ``make_random_disk`` writes incompressible bytes. Both are deterministic for a given seed as
 far as practical (the realistic disk's content depends on which files the machine has).
 
