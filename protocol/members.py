@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from protocol.rangeset import RangeSet
+from protocol.retry import Retry
 
 REPLAY_WINDOW = 64
 
@@ -75,10 +76,8 @@ class Member:
     backlog: int = 0
     reason: str = ""
     ended_at: float | None = None
-    #: EVICT retransmission (§7): next send time, interval, give-up time; None = not sending
-    evict_next: float | None = None
-    evict_interval: float = 0.0
-    evict_deadline: float = 0.0
+    #: EVICT retransmission (§7); None = not sending
+    evict: Retry | None = None
 
     @property
     def active(self) -> bool:

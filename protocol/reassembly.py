@@ -7,13 +7,14 @@ memoryview slice copied into a preallocated buffer and one byte set in a fragmen
 
 from __future__ import annotations
 
+import hashlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
 from protocol import wire
 from protocol.config import EngineConfig
-from protocol.manifest import Manifest
+from protocol.manifest import Manifest, ManifestError
 from protocol.rangeset import RangeSet
 from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, WireError
 
@@ -201,3 +202,55 @@ class Reassembly:
 def nak_bodies(due: Sequence[tuple[int, Partial]], capacity: int) -> list[bytes]:
     """NAK bodies for the missing fragments of ``due`` (object, Partial) pairs, by object."""
     return wire.encode_nak_bodies([], [(obj, p.missing()) for obj, p in due], capacity)
+
+
+class Meter:
+    """What a receiver measures between two STATUS reports (§4.4): loss, rates."""
+
+    __slots__ = ("_base", "_last", "_rx", "_rx_bytes", "_written", "max_seq")
+
+    def __init__(self, seq: int, now: float) -> None:
+        self.max_seq = self._base = seq
+        self._rx = self._rx_bytes = self._written = 0
+        self._last = now
+
+    def seen(self, seq: int, size: int) -> None:
+        """One sender datagram of ``size`` bytes with sequence number ``seq`` arrived."""
+        self._rx += 1
+        self._rx_bytes += size
+        if 0 < (seq - self.max_seq) & 0xFFFFFFFF < 0x80000000:
+            self.max_seq = seq
+
+    def written(self, nbytes: int) -> None:
+        """The shell verified and wrote ``nbytes`` of raw block content."""
+        self._written += nbytes
+
+    def report(self, now: float, dropped: int) -> tuple[float, int, int]:
+        """(loss fraction, received bit/s, written bytes/s) since the last report; restart.
+
+        ``dropped`` counts fragments we received but had to throw away (memory bounds),
+        which count as lost.
+        """
+        expected = (self.max_seq - self._base) & 0xFFFFFFFF
+        lost = max(0, expected - self._rx) + dropped
+        loss = min(1.0, lost / expected) if expected else 0.0
+        elapsed = max(now - self._last, 1e-6)
+        rates = int(self._rx_bytes * 8 / elapsed), int(self._written / elapsed)
+        self._base, self._last = self.max_seq, now
+        self._rx = self._rx_bytes = self._written = 0
+        return loss, *rates
+
+
+def check_manifest(data: bytes, a: wire.Announce) -> tuple[Manifest, RangeSet]:
+    """Parse the manifest carried in the session; ValueError says why it cannot be used."""
+    if hashlib.sha256(data).digest() != a.digest:
+        raise ValueError("the manifest received does not match the announced digest")
+    try:
+        manifest = Manifest.from_bytes(data)
+    except ManifestError as exc:
+        raise ValueError(f"the sender's manifest is not valid: {exc}") from exc
+    data_blocks = RangeSet.from_values(i for i, k in enumerate(manifest.kinds) if k == 0)
+    shape = (manifest.block_count, manifest.block_size, len(data_blocks))
+    if shape != (a.block_count, a.block_size, a.data_blocks):
+        raise ValueError("the manifest disagrees with the session announcement")
+    return manifest, data_blocks

@@ -8,7 +8,6 @@ or ``block_failed``; on ``AllBlocksVerified`` it fsyncs and calls ``blocks_durab
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import random
@@ -29,10 +28,20 @@ from protocol.events import (
     SessionAborted,
     SessionJoined,
 )
-from protocol.manifest import Manifest, ManifestError
+from protocol.manifest import Manifest
 from protocol.rangeset import RangeSet
-from protocol.reassembly import NEEDED, PARTIAL, RECEIVED, VERIFIED, Partial, Reassembly, nak_bodies
-from protocol.sender import data_block_ranges
+from protocol.reassembly import (
+    NEEDED,
+    PARTIAL,
+    RECEIVED,
+    VERIFIED,
+    Meter,
+    Partial,
+    Reassembly,
+    check_manifest,
+    nak_bodies,
+)
+from protocol.retry import Retry
 from protocol.wire import MANIFEST_BASE, PacketType, Transmit, WireError
 
 logger = logging.getLogger(__name__)
@@ -70,7 +79,6 @@ _TRANSITIONS: dict[ReceiverState, frozenset[ReceiverState]] = {
     _S.LEAVING: frozenset({_S.CLOSED}),
     _S.CLOSED: frozenset(),
 }
-_JOINED = frozenset({_S.RECEIVING, _S.VERIFIED, _S.DONE_WAIT, _S.LEAVING})
 
 
 class ReceiverSession:
@@ -124,24 +132,14 @@ class ReceiverSession:
         self._unverified = 0
         self._failures: Counter[int] = Counter()
         # timers; None = not armed
-        self._next_join: float | None = None
-        self._join_interval = config.join_interval
-        self._join_deadline = 0.0
+        self._join: Retry | None = None
         self._next_status: float | None = None
         self._nak_at: float | None = None
         self._last_nak = -1e9
-        self._next_control: float | None = None
-        self._control_interval = config.control_retry
-        self._control_deadline = 0.0
+        self._control: Retry | None = None  # DONE or LEAVE
         self._leave: tuple[wire.LeaveCode, str, bool] | None = None
         self._leave_repeats = 0
-        # loss and rate measurement since the previous STATUS
-        self._max_seq = 0
-        self._status_seq_base = 0
-        self._rx_since = 0
-        self._rx_bytes = 0
-        self._bytes_since = 0
-        self._last_status_at = now
+        self._meter = Meter(0, now)  # loss and rates between STATUS reports
         self._span_next = 0
 
     # -- public API ---------------------------------------------------------------------
@@ -211,10 +209,7 @@ class ReceiverSession:
         if source:
             raise WireError("invalid", "sender datagram with a receiver id")
         self._last_heard = now
-        self._rx_since += 1
-        self._rx_bytes += n
-        if 0 < (seq - self._max_seq) & 0xFFFFFFFF < 0x80000000:
-            self._max_seq = seq
+        self._meter.seen(seq, n)
         self._on_fragment(obj, size, frag, view[_DATA_HEAD : n - _TAG], now)
 
     def datagrams_to_send(self, now: float) -> list[Transmit]:
@@ -228,11 +223,8 @@ class ReceiverSession:
         """The absolute time at which handle_timer must next be called; None when closed."""
         if self._state is ReceiverState.CLOSED:
             return None
-        times = [
-            t
-            for t in (self._next_join, self._next_status, self._nak_at, self._next_control)
-            if t is not None
-        ]
+        retries = (r.next for r in (self._join, self._control) if r is not None)
+        times = [t for t in (self._next_status, self._nak_at, *retries) if t is not None]
         if self._state is ReceiverState.LISTENING:
             if self._config.listen_timeout is not None:
                 times.append(self._created + self._config.listen_timeout)
@@ -247,13 +239,13 @@ class ReceiverSession:
             return
         if self._check_timeouts(now):
             return
-        if self._next_join is not None and now >= self._next_join:
+        if self._join is not None and self._join.due(now):
             self._send_join(now)
         if self._nak_at is not None and now >= self._nak_at:
             self._send_naks(now)
         if self._next_status is not None and now >= self._next_status:
             self._send_status(now)
-        if self._next_control is not None and now >= self._next_control:
+        if self._control is not None and self._control.due(now):
             self._send_control(now)
 
     def next_event(self) -> Event | None:
@@ -332,7 +324,7 @@ class ReceiverSession:
 
     def _close(self) -> None:
         self._set_state(ReceiverState.CLOSED)
-        self._next_join = self._next_status = self._nak_at = self._next_control = None
+        self._next_status = self._nak_at = self._join = self._control = None
         self._objs.clear()
         self._early.clear()
 
@@ -343,16 +335,15 @@ class ReceiverSession:
 
     def _start_leave(self, now: float, code: wire.LeaveCode, text: str, need_ack: bool) -> None:
         self._set_state(ReceiverState.LEAVING)
-        self._next_join = self._next_status = self._nak_at = None
+        self._next_status = self._nak_at = self._join = None
         self._objs.clear()
         self._leave = (code, text, need_ack)
         self._leave_repeats = 3
         self._arm_control(now)
 
     def _arm_control(self, now: float) -> None:
-        self._next_control = now
-        self._control_interval = self._config.control_retry
-        self._control_deadline = now + self._config.control_timeout
+        cfg = self._config
+        self._control = Retry(now, cfg.control_retry, cfg.control_retry_max, cfg.control_timeout)
         self._send_control(now)
 
     def _check_timeouts(self, now: float) -> bool:
@@ -399,10 +390,7 @@ class ReceiverSession:
         ):
             raise WireError("not_joined")
         self._last_heard = now
-        self._rx_since += 1
-        self._rx_bytes += len(data)
-        if 0 < (hdr.seq - self._max_seq) & 0xFFFFFFFF < 1 << 31:
-            self._max_seq = hdr.seq
+        self._meter.seen(hdr.seq, len(data))
         if ptype == PacketType.DATA:
             self._on_data(body, now)
             return
@@ -423,8 +411,8 @@ class ReceiverSession:
         self._sender, self._announce = addr, a
         self._last_heard = now
         self._set_state(ReceiverState.JOINING)
-        self._join_interval = self._config.join_interval
-        self._join_deadline = now + self._config.join_timeout
+        cfg = self._config
+        self._join = Retry(now, cfg.join_interval, cfg.control_retry_max, cfg.join_timeout)
         self._send_join(now)
 
     def _on_announce(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
@@ -455,12 +443,10 @@ class ReceiverSession:
             return
         a = self._announce
         self._set_state(ReceiverState.RECEIVING)
-        self._next_join = None
+        self._join = None
         self._objs.start(a)
         self._data_total = a.data_blocks
-        self._max_seq = self._status_seq_base = hdr.seq
-        self._rx_since = 0
-        self._last_status_at = now
+        self._meter = Meter(hdr.seq, now)
         self._next_status = now + self._jitter(self._config.status_interval)
         assert self._sender is not None
         self._events.append(
@@ -551,26 +537,14 @@ class ReceiverSession:
         chunks = self._objs.chunk_data
         data = b"".join(chunks[k] for k in range(len(self._objs.chunk_states)))
         chunks.clear()
-        a = self._announce
-        if hashlib.sha256(data).digest() != a.digest:
-            self.fail(now, "the manifest received does not match the announced digest")
-            return
         try:
-            manifest = Manifest.from_bytes(data)
-        except ManifestError as exc:
-            self.fail(now, f"the sender's manifest is not valid: {exc}")
-            return
-        data_ranges = data_block_ranges(manifest)
-        if (manifest.block_count, manifest.block_size, len(data_ranges)) != (
-            a.block_count,
-            a.block_size,
-            a.data_blocks,
-        ):
-            self.fail(now, "the manifest disagrees with the session announcement")
+            manifest, data_blocks = check_manifest(data, self._announce)
+        except ValueError as exc:
+            self.fail(now, str(exc))
             return
         self.manifest = manifest
-        self._data_total = len(data_ranges)
-        self._objs.apply_manifest(manifest, data_ranges)
+        self._data_total = len(data_blocks)
+        self._objs.apply_manifest(manifest, data_blocks)
         self._events.append(ManifestReceived(manifest, data))
         for index in sorted(self._declared):
             if 0 <= index < len(self._objs.blocks):
@@ -604,7 +578,7 @@ class ReceiverSession:
         self._verified += 1
         length = self.manifest.block_length(index)
         self._bytes_done += length
-        self._bytes_since += length
+        self._meter.written(length)
 
     def _check_all_verified(self) -> None:
         if (
@@ -634,19 +608,19 @@ class ReceiverSession:
         return size - wire.HEADER.size - wire.TAG_SIZE - fixed
 
     def _send_join(self, now: float) -> None:
-        if now >= self._join_deadline:
+        assert self._join is not None
+        if self._join.expired(now):
             # Nobody answers: a dead or replayed session. Forget it and listen again (§3.1).
             self._counts["join_timeouts"] += 1
             self._ignored.add((self._session, self._sender_instance))
-            self._next_join = None
+            self._join = None
             self._set_state(ReceiverState.LISTENING)
             return
         have = RangeSet.from_values(self._declared)
         ranges, _ = wire.encode_ranges(list(have), self._capacity(wire.JOIN.size))
         self._send(PacketType.JOIN, wire.encode_join(wire.JOIN_NEED_MANIFEST, ranges))
         self._counts["joins_sent"] += 1
-        self._next_join = now + self._jitter(self._join_interval)
-        self._join_interval = min(2 * self._join_interval, self._config.control_retry_max)
+        self._join.sent(now, self._jitter(1.0))
 
     def _send_naks(self, now: float) -> None:
         cfg = self._config
@@ -661,15 +635,8 @@ class ReceiverSession:
         self._nak_at = now + self._jitter(cfg.nak_interval) if self._objs.partials else None
 
     def _send_status(self, now: float) -> None:
-        expected = (self._max_seq - self._status_seq_base) & 0xFFFFFFFF
-        lost = max(0, expected - self._rx_since) + self._objs.dropped_frags
-        loss = min(1.0, lost / expected) if expected else 0.0
-        elapsed = max(now - self._last_status_at, 1e-6)
-        write_bps = int(self._bytes_since / elapsed)
-        rx_bps = int(self._rx_bytes * 8 / elapsed)
-        self._status_seq_base, self._rx_since, self._objs.dropped_frags = self._max_seq, 0, 0
-        self._rx_bytes = 0
-        self._bytes_since, self._last_status_at = 0, now
+        loss, rx_bps, write_bps = self._meter.report(now, self._objs.dropped_frags)
+        self._objs.dropped_frags = 0
         ranges = self._objs.needed.ranges_from(self._span_next)
         encoded, used = wire.encode_ranges(ranges, self._capacity(wire.STATUS.size))
         span_start = self._span_next
@@ -693,7 +660,8 @@ class ReceiverSession:
         self._next_status = now + self._jitter(self._config.status_interval)
 
     def _send_control(self, now: float) -> None:
-        if now >= self._control_deadline:
+        assert self._control is not None
+        if self._control.expired(now):
             if self._state is ReceiverState.DONE_WAIT:
                 self._abort(
                     "every block is verified and durable, but the sender never acknowledged "
@@ -712,8 +680,7 @@ class ReceiverSession:
             if not need_ack and self._leave_repeats <= 0:
                 self._close()
                 return
-        self._next_control = now + self._control_interval
-        self._control_interval = min(2 * self._control_interval, self._config.control_retry_max)
+        self._control.sent(now)
 
 
 ReceiverSession._HANDLERS = {

@@ -31,6 +31,7 @@ from protocol.manifest import BlockKind, Manifest
 from protocol.members import Member, MemberState, ReplayWindow
 from protocol.pacing import Pacer
 from protocol.rangeset import RangeSet
+from protocol.retry import Retry
 from protocol.scheduler import POLL_INTERVAL, Scheduler
 from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, PacketType, Transmit, WireError
 
@@ -348,9 +349,8 @@ class SenderSession:
         m.state = MemberState.EVICTED
         m.reason = reason
         m.ended_at = now
-        m.evict_next = now
-        m.evict_interval = self._config.control_retry
-        m.evict_deadline = now + self._config.control_timeout
+        cfg = self._config
+        m.evict = Retry(now, cfg.control_retry, cfg.control_retry_max, cfg.control_timeout)
         self._counts["evictions"] += 1
         logger.info(
             "session %08x: evicting receiver %08x: %s", self._session_id, m.receiver_id, reason
@@ -361,15 +361,14 @@ class SenderSession:
 
     def _send_evictions(self, now: float) -> None:
         for m in self._members.values():
-            if m.evict_next is None or now < m.evict_next:
+            if m.evict is None or not m.evict.due(now):
                 continue
-            if now > m.evict_deadline:
-                m.evict_next = None
+            if m.evict.expired(now):
+                m.evict = None
                 continue
             body = wire.encode_targeted(m.receiver_id, m.instance, m.reason)
             self._control.append(self._multicast(PacketType.EVICT, body))
-            m.evict_next = now + m.evict_interval
-            m.evict_interval = min(2 * m.evict_interval, self._config.control_retry_max)
+            m.evict.sent(now)
 
     # -- receiving ------------------------------------------------------------------------
 
@@ -524,7 +523,8 @@ class SenderSession:
     def _on_done(self, m: Member, hdr: wire.Header, msg: wire.Message, now: float) -> None:
         assert isinstance(msg, wire.Done)
         if m.state is MemberState.EVICTED:
-            m.evict_next = now  # tell it again
+            if m.evict is not None:
+                m.evict.next = now  # tell it again
             return
         if m.active:
             m.state = MemberState.COMPLETED
@@ -543,7 +543,7 @@ class SenderSession:
     def _on_leave(self, m: Member, hdr: wire.Header, msg: wire.Message, now: float) -> None:
         assert isinstance(msg, wire.Leave)
         if msg.code == wire.LeaveCode.EVICTED_ACK:
-            m.evict_next = None
+            m.evict = None
         elif m.active:
             failed = msg.code == wire.LeaveCode.FAILED
             m.state = MemberState.FAILED if failed else MemberState.LEFT

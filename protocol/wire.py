@@ -666,16 +666,3 @@ def pack_fragments(
         buf[end : end + TAG_SIZE] = mac.digest()[:TAG_SIZE]
         pos = end + TAG_SIZE
     return bytes(buf)
-
-
-def decode_data(view: memoryview) -> tuple[int, int, int, int, int, int, int]:
-    """Unpack an opened DATA datagram: (session, source, instance, seq, object, size, frag).
-
-    Only the fixed fields; the caller slices the payload ``view[32:-16]``.
-    """
-    if len(view) < DATA_OVERHEAD:
-        raise WireError("malformed", "data too short")
-    _m, _v, _t, session, source, instance, seq, obj, size, frag, _flags = DATA_HEADER.unpack_from(
-        view
-    )
-    return session, source, instance, seq, obj, size, frag
