@@ -16,6 +16,38 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
+# Re-exported: callers use wire.Announce and friends.
+from protocol.messages import (
+    Abort as Abort,
+)
+from protocol.messages import (
+    Announce as Announce,
+)
+from protocol.messages import (
+    Done as Done,
+)
+from protocol.messages import (
+    Join as Join,
+)
+from protocol.messages import (
+    JoinAck as JoinAck,
+)
+from protocol.messages import (
+    Leave as Leave,
+)
+from protocol.messages import (
+    Message as Message,
+)
+from protocol.messages import (
+    Nak as Nak,
+)
+from protocol.messages import (
+    Status as Status,
+)
+from protocol.messages import (
+    Targeted as Targeted,
+)
+
 MAGIC = b"FC"
 VERSION = 1
 TAG_SIZE = 16
@@ -188,100 +220,7 @@ def open_datagram(key: bytes, data: bytes | bytearray | memoryview) -> tuple[Hea
     return Header(ptype, session, source, instance, seq), view[HEADER.size : n - TAG_SIZE]
 
 
-# -- messages ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Announce:
-    """ANNOUNCE body (§2.3)."""
-
-    digest: bytes
-    manifest_size: int
-    block_count: int
-    data_blocks: int
-    block_size: int
-    payload_size: int
-    state: int
-    flags: int
-    rate_bps: int
-    data_bytes: int
-
-
-@dataclass(frozen=True)
-class Join:
-    """JOIN body: flags and the blocks the receiver already holds (start, end) pairs."""
-
-    flags: int
-    have: list[tuple[int, int]]
-
-
-@dataclass(frozen=True)
-class JoinAck:
-    """JOIN_ACK body."""
-
-    target_id: int
-    target_instance: int
-    refused: bool
-    text: str
-
-
-@dataclass(frozen=True)
-class Nak:
-    """NAK body: (object, run_length, fragment mask); a run has mask 0, a mask has run 0."""
-
-    entries: list[tuple[int, int, int]]
-
-
-@dataclass(frozen=True)
-class Status:
-    """STATUS body; ``missing`` holds (start, end) object ranges within the span."""
-
-    blocks_done: int
-    blocks_total: int
-    bytes_done: int
-    loss: float
-    write_bps: int
-    rx_bps: int
-    backlog: int
-    flags: int
-    span_start: int
-    span_end: int
-    missing: list[tuple[int, int]]
-
-
-@dataclass(frozen=True)
-class Done:
-    """DONE body."""
-
-    blocks_done: int
-    bytes_done: int
-
-
-@dataclass(frozen=True)
-class Targeted:
-    """DONE_ACK / LEAVE_ACK / EVICT body: the receiver it is for, and text."""
-
-    target_id: int
-    target_instance: int
-    text: str = ""
-
-
-@dataclass(frozen=True)
-class Leave:
-    """LEAVE body."""
-
-    code: int
-    text: str
-
-
-@dataclass(frozen=True)
-class Abort:
-    """ABORT body."""
-
-    text: str
-
-
-Message = Announce | Join | JoinAck | Nak | Status | Done | Targeted | Leave | Abort
+# -- messages: decoded bodies live in protocol/messages.py -------------------------------
 
 
 def _text(text: str) -> bytes:
