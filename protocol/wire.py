@@ -16,37 +16,19 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
-# Re-exported: callers use wire.Announce and friends.
-from protocol.messages import (
-    Abort as Abort,
-)
-from protocol.messages import (
-    Announce as Announce,
-)
-from protocol.messages import (
-    Done as Done,
-)
-from protocol.messages import (
-    Join as Join,
-)
-from protocol.messages import (
-    JoinAck as JoinAck,
-)
-from protocol.messages import (
-    Leave as Leave,
-)
-from protocol.messages import (
-    Message as Message,
-)
-from protocol.messages import (
-    Nak as Nak,
-)
-from protocol.messages import (
-    Status as Status,
-)
-from protocol.messages import (
-    Targeted as Targeted,
-)
+from protocol import messages
+
+# The decoded bodies, re-exported: callers write wire.Announce and friends.
+Abort = messages.Abort
+Announce = messages.Announce
+Done = messages.Done
+Join = messages.Join
+JoinAck = messages.JoinAck
+Leave = messages.Leave
+Message = messages.Message
+Nak = messages.Nak
+Status = messages.Status
+Targeted = messages.Targeted
 
 MAGIC = b"FC"
 VERSION = 1
