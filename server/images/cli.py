@@ -201,7 +201,7 @@ def _capture_args(p: argparse.ArgumentParser) -> None:
         "--threads",
         type=int,
         default=Settings().capture_threads,
-        help="compression threads (default: one per CPU)",
+        help="hashing/compression threads (default: one per CPU plus two)",
     )
 
 
