@@ -12,6 +12,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from protocol.manifest import DEFAULT_BLOCK_SIZE, BlockKind, Manifest
 from server.config import Settings
 from server.images.capture import CaptureOptions, CaptureResult, capture_image
@@ -176,12 +178,12 @@ def cmd_gc(store: ImageStore, a: argparse.Namespace) -> int:
     return 0
 
 
-def _capture_args(p: argparse.ArgumentParser) -> None:
+def _capture_args(p: argparse.ArgumentParser, settings: Settings) -> None:
     p.add_argument("--name", required=True, help="image name (letters, digits, ._-/)")
     p.add_argument(
         "--level",
         type=int,
-        default=Settings().compression_level,
+        default=settings.compression_level,
         help="zstd level 1..19 (default %(default)s)",
     )
     g = p.add_mutually_exclusive_group()
@@ -200,21 +202,22 @@ def _capture_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--threads",
         type=int,
-        default=Settings().capture_threads,
+        default=settings.capture_threads,
         help="hashing/compression threads (default: one per CPU plus two)",
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    settings = settings or Settings()
     parser = argparse.ArgumentParser(prog="fleetcast image", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("capture", help="capture a raw disk image file or block device")
     p.add_argument("source", metavar="SRC")
-    _capture_args(p)
+    _capture_args(p, settings)
     p.set_defaults(func=cmd_capture)
     p = sub.add_parser("import", help="import a qcow2/VMDK/VHD(X)/raw file via qemu-img")
     p.add_argument("file", metavar="FILE")
-    _capture_args(p)
+    _capture_args(p, settings)
     p.set_defaults(func=cmd_import)
     sub.add_parser("list", help="list images").set_defaults(func=cmd_list)
     p = sub.add_parser("info", help="sizes, ratio, kinds of blocks, partitions")
@@ -239,10 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str]) -> int:
     """Run one ``fleetcast image`` sub-command; return the exit status."""
     try:
-        a = build_parser().parse_args(list(argv))
+        settings = Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        print(f"fleetcast image: bad setting FLEETCAST_{str(first['loc'][0]).upper()}: "
+              f"{first['msg']}", file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        a = build_parser(settings).parse_args(list(argv))
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return exc.code if isinstance(exc.code, int) else 2
-    store = ImageStore(Settings().image_root)
+    store = ImageStore(settings.image_root)
     func: Callable[[ImageStore, argparse.Namespace], int] = a.func
     try:
         return func(store, a)
