@@ -245,8 +245,9 @@ def main(argv: Sequence[str]) -> int:
         settings = Settings()
     except ValidationError as exc:
         first = exc.errors()[0]
-        print(f"fleetcast image: bad setting FLEETCAST_{str(first['loc'][0]).upper()}: "
-              f"{first['msg']}", file=sys.stderr)  # fmt: skip
+        var = str(first["loc"][0]).upper()
+        var = var if var.startswith("FLEETCAST_") else f"FLEETCAST_{var}"
+        print(f"fleetcast image: bad setting {var}: {first['msg']}", file=sys.stderr)
         return 2
     try:
         a = build_parser(settings).parse_args(list(argv))
