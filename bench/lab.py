@@ -29,6 +29,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -42,8 +43,6 @@ from typing import IO, Any
 PREFIX = "fclab"
 LAB_IF = "lab0"
 MTU = 1500
-#: A "1 GbE switch port": the queue is larger than a socket buffer, so a fast sender blocks.
-TBF_1G = ("rate", "1gbit", "burst", "128kb", "latency", "50ms")
 _CMD_TIMEOUT = 30.0
 _live_labs: set[Lab] = set()
 
@@ -261,6 +260,25 @@ class Lab:
         code = proc.wait(timeout=timeout)
         self._procs.pop(proc.pid, None)
         return code
+
+    def wait_usage(
+        self, proc: subprocess.Popen[Any], timeout: float
+    ) -> tuple[int, resource.struct_rusage]:
+        """Wait for ``proc`` and return its exit status and resource usage (CPU s, max RSS).
+
+        For benchmarks: ``usage.ru_utime + usage.ru_stime`` is the CPU time it used,
+        ``usage.ru_maxrss`` its peak RSS in KiB. Raises subprocess.TimeoutExpired.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid == proc.pid:
+                proc.returncode = os.waitstatus_to_exitcode(status)
+                self._procs.pop(proc.pid, None)
+                return proc.returncode, usage
+            if time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            time.sleep(0.02)
 
     # -- internals --------------------------------------------------------------------
 

@@ -121,3 +121,16 @@ def test_a_slow_bridge_port_throttles_only_its_receiver(make_lab: Callable[..., 
     counts = [int(p.communicate(timeout=10)[0].split()[-1]) for p in procs]
     assert counts[0] == 1000
     assert counts[1] < 500  # tbf on its port dropped what did not fit
+
+
+def test_wait_usage_reports_cpu_and_rss(make_lab: Callable[..., Lab]) -> None:
+    lab = make_lab(1)
+    burn = (
+        "import time\nx = bytearray(50 << 20)\nt = time.process_time()\n"
+        "while time.process_time() - t < 0.3: pass"
+    )
+    proc = lab.popen(lab.receivers[0], [sys.executable, "-c", burn])
+    code, usage = lab.wait_usage(proc, 30)
+    assert code == 0
+    assert usage.ru_utime + usage.ru_stime >= 0.25
+    assert usage.ru_maxrss > 50 << 10  # KiB
