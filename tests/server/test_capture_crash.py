@@ -147,3 +147,30 @@ umount {mnt}
     [info] = ImageStore(data / "images").list_images()
     assert info.name == "ro" and info.manifest.source["kind"] == "block device"
     assert info.manifest.partitions[0].fs == "ext4"
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_capture_removes_what_it_added(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    src = wordy_disk(tmp_path / "big.img", 48 * MIB, seed=3)
+    env = {**os.environ, "FLEETCAST_DATA": str(data)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetcast", "image", "capture", str(src), "--name", "x",
+         "--level", "19"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    blocks = data / "images" / "blocks"
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(blocks.glob("*/*"))) < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, "capture finished before it could be interrupted"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    assert proc.returncode == 130 and err == "fleetcast: interrupted\n"
+    assert list(blocks.glob("*/*")) == []
+    assert ImageStore(data / "images").list_images() == []
