@@ -20,7 +20,40 @@ class Settings(BaseSettings):
     #: Threads hashing and compressing blocks during a capture (0: one per CPU).
     capture_threads: int = Field(default=0, ge=0, le=256)
 
+    # -- the control plane (issue 4) -----------------------------------------------------
+    #: SQLAlchemy URL of the database; empty: an SQLite file ``fleetcast.db`` in data_dir.
+    #: PostgreSQL: ``postgresql+psycopg://user:password@host/dbname``.
+    database_url: str = Field(default="")
+    #: Shared secret agents present (boot parameter) to enroll and get their own credential.
+    #: Empty: agents cannot enroll until it is set.
+    enrollment_token: str = Field(default="")
+    #: Address and port ``fleetcast server`` listens on.
+    host: str = Field(default="127.0.0.1")
+    port: int = Field(default=8080, ge=1, le=65535)
+    #: Network interface the multicast senders send on (e.g. the lab's NIC).
+    multicast_iface: str = Field(default="")
+    #: Sessions get groups 239.<prefix>.X.Y and UDP ports from this base upwards.
+    multicast_prefix: int = Field(default=192, ge=0, le=255)
+    multicast_base_port: int = Field(default=9000, ge=1024, le=60000)
+    #: Multicast TTL of the senders (1: never leaves the LAN).
+    multicast_ttl: int = Field(default=1, ge=1, le=255)
+    #: Agents send progress at most this often (seconds); the server tells them.
+    progress_interval: float = Field(default=1.0, ge=0.2, le=60.0)
+    #: After a sender ends, wait this long for the agents' final results.
+    result_grace: float = Field(default=15.0, ge=0.0, le=600.0)
+    #: Queue length of each live event stream subscriber (slow ones lose the oldest).
+    event_queue_size: int = Field(default=256, ge=8, le=100_000)
+    #: Apply pending schema migrations when the server starts.
+    migrate_on_start: bool = True
+
     @property
     def image_root(self) -> Path:
         """The image store's directory."""
         return self.data_dir / "images"
+
+    @property
+    def db_url(self) -> str:
+        """The database URL in use (``database_url`` or the SQLite file in data_dir)."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'fleetcast.db').resolve()}"

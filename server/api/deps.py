@@ -1,0 +1,105 @@
+"""Shared dependencies: settings, database session, store, event bus, and who is calling.
+
+Every route declares exactly one of ``AdminDep`` (an admin's API token), ``MachineDep`` (a
+machine credential) or nothing (the explicitly public routes, listed in PUBLIC_ROUTES and
+checked by tests/server/test_api_auth.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.engine import Engine
+from sqlmodel import Session as DbSession
+
+from server.config import Settings
+from server.db import db_session
+from server.events import EventBus
+from server.images.store import ImageStore
+from server.metrics import Metrics
+from server.services.errors import Forbidden, Unauthorized
+from server.services.runner import SessionManager
+from server.services.users import Principal, resolve_token
+
+#: (method, path) of every route that needs no admin token or machine credential.
+PUBLIC_ROUTES = {
+    ("GET", "/healthz"),
+    ("POST", "/api/auth/login"),
+    ("POST", "/api/agent/register"),  # its own credential: the enrollment token
+}
+
+_bearer = HTTPBearer(auto_error=False, description="an admin API token or a machine credential")
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_db(request: Request) -> Iterator[DbSession]:
+    with db_session(request.app.state.engine) as db:
+        yield db
+
+
+def get_store(request: Request) -> ImageStore:
+    store: ImageStore = request.app.state.store
+    return store
+
+
+def get_bus(request: Request) -> EventBus:
+    bus: EventBus = request.app.state.bus
+    return bus
+
+
+def get_manager(request: Request) -> SessionManager:
+    manager: SessionManager = request.app.state.manager
+    return manager
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DbDep = Annotated[DbSession, Depends(get_db)]
+StoreDep = Annotated[ImageStore, Depends(get_store)]
+BusDep = Annotated[EventBus, Depends(get_bus)]
+ManagerDep = Annotated[SessionManager, Depends(get_manager)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _principal(request: Request, creds: HTTPAuthorizationCredentials | None) -> Principal:
+    if creds is None or not creds.credentials:
+        raise Unauthorized("this route needs a bearer token (Authorization: Bearer TOKEN)")
+    with db_session(request.app.state.engine) as db:
+        return resolve_token(db, creds.credentials)
+
+
+def require_admin(request: Request, creds: BearerDep) -> Principal:
+    """The admin calling; 401 without a valid token, 403 for a machine credential."""
+    who = _principal(request, creds)
+    if who.kind != "admin":
+        raise Forbidden("this route needs an admin's API token, not a machine credential")
+    return who
+
+
+def require_machine(request: Request, creds: BearerDep) -> Principal:
+    """The machine calling; 401 without a valid credential, 403 for an admin token."""
+    who = _principal(request, creds)
+    if who.kind != "machine":
+        raise Forbidden("this route is for agents: use the machine credential from register")
+    return who
+
+
+AdminDep = Annotated[Principal, Depends(require_admin)]
+MachineDep = Annotated[Principal, Depends(require_machine)]

@@ -1,0 +1,1 @@
+"""One APIRouter per resource; each route parses, checks who calls, calls a service."""

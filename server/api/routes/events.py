@@ -1,0 +1,48 @@
+"""The audit log and the live event stream (Server-Sent Events)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from server.api.deps import AdminDep, BusDep, DbDep
+from server.models import Event, EventPublic
+from server.services.audit import list_events
+
+router = APIRouter(prefix="/api/events", tags=["events"])
+
+
+@router.get("", response_model=list[EventPublic])
+def audit_log(
+    _who: AdminDep,
+    db: DbDep,
+    session_id: int | None = None,
+    machine_id: int | None = None,
+    kind: Annotated[str | None, Query(max_length=48)] = None,
+    before_id: int | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> list[Event]:
+    """Newest first."""
+    return list_events(
+        db,
+        session_id=session_id,
+        machine_id=machine_id,
+        kind=kind,
+        before_id=before_id,
+        limit=limit,
+    )
+
+
+@router.get(
+    "/stream",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}},
+)
+async def stream(_who: AdminDep, bus: BusDep) -> StreamingResponse:
+    """Live session and machine changes as Server-Sent Events (``event: KIND``, JSON data)."""
+    sub = bus.subscribe()
+    return StreamingResponse(
+        bus.sse(sub), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )

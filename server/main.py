@@ -1,0 +1,114 @@
+"""The control plane's ASGI app: ``create_app(settings)``; ``fleetcast server`` serves it.
+
+The lifespan opens the database (migrating it unless told not to), ends sessions a previous
+process left ``running`` (restart or kill -9: the engine cannot continue them), registers
+images captured outside the API, starts the session manager and stops every sender on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import IntegrityError
+
+from fleetcast import __version__
+from server.api.routes import agent, auth, events, groups, images, machines, sessions, system
+from server.config import Settings
+from server.db import db_session, make_engine, migrate
+from server.events import EventBus
+from server.images.store import ImageStore
+from server.metrics import Metrics
+from server.services.errors import ServiceError
+from server.services.images import sync_store
+from server.services.runner import SessionManager
+from server.services.sessions import fail_interrupted
+
+log = logging.getLogger(__name__)
+
+RESTART_REASON = (
+    "the server stopped while this session was running (restart or crash) and a multicast "
+    "session cannot continue in a new server process; re-run it for the machines that did "
+    "not finish (POST /api/sessions/{id}/rerun)"
+)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    engine = make_engine(settings.db_url)
+    if settings.migrate_on_start:
+        await asyncio.to_thread(migrate, engine)
+    store = ImageStore(settings.image_root)
+    bus = EventBus(queue_size=settings.event_queue_size)
+    metrics = Metrics(engine)
+    manager = SessionManager(engine, store, settings, bus, metrics)
+    loop = asyncio.get_running_loop()
+    bus.bind(loop)
+    manager.bind(loop)
+    app.state.engine, app.state.store, app.state.bus = engine, store, bus
+    app.state.metrics, app.state.manager = metrics, manager
+
+    def recover() -> None:
+        with db_session(engine) as db:
+            ended = fail_interrupted(db, bus, RESTART_REASON)
+            added = sync_store(db, store)
+        if ended:
+            log.warning(
+                "sessions %s were left running by a previous server: ended as failed", ended
+            )
+        if added:
+            log.info("registered %d images found in the store", added)
+
+    await asyncio.to_thread(recover)
+    try:
+        yield
+    finally:
+        await manager.shutdown()
+        engine.dispose()
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API app for ``settings`` (default: from the environment)."""
+    app = FastAPI(
+        title="fleetcast",
+        version=__version__,
+        description="Multicast deployment of golden disk images to labs of identical PCs. "
+        "Authenticate with `Authorization: Bearer TOKEN` (POST /api/auth/login, or "
+        "`fleetcast admin token`). Agents use /api/agent/* with their own credentials.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings or Settings()
+    for router in (system, auth, images, machines, groups, sessions, agent, events):
+        app.include_router(router.router)
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    return app
+
+
+async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
+
+
+async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(
+        {"detail": "the change clashes with existing data (a duplicate or a missing reference)"},
+        status_code=409,
+    )
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+        for e in exc.errors()
+    ]
+    return JSONResponse({"detail": errors}, status_code=422)

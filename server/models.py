@@ -1,0 +1,490 @@
+"""The control plane's data: SQLModel tables and the API's request/response models.
+
+Families as in the FastAPI full-stack template: ``ThingBase`` (shared, validated fields) ->
+``ThingCreate``/``ThingUpdate`` (what a client sends) / ``Thing(table=True)`` (the row) /
+``ThingPublic`` (what the API returns). Secrets (password hashes, token hashes, session keys)
+live only on table models, never on a Public one.
+
+States (one table each, changed only through server/services/sessions.py):
+
+- Session: ``pending`` (created, waiting for start) -> ``running`` -> ``succeeded`` |
+  ``partial`` | ``failed`` | ``cancelled``.
+- SessionMachine: ``pending`` -> ``assigned`` (its agent fetched the assignment) ->
+  ``receiving`` -> ``succeeded`` | ``failed`` | ``evicted`` | ``cancelled`` | ``no-show``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import field_validator
+from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+SESSION_ACTIVE = ("pending", "running")
+SESSION_ENDED = ("succeeded", "partial", "failed", "cancelled")
+SESSION_STATES = SESSION_ACTIVE + SESSION_ENDED
+MACHINE_ACTIVE = ("pending", "assigned", "receiving")
+MACHINE_ENDED = ("succeeded", "failed", "evicted", "cancelled", "no-show")
+MACHINE_STATES = MACHINE_ACTIVE + MACHINE_ENDED
+
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,62}$")
+
+
+def utcnow() -> datetime:
+    """Now, in UTC (every timestamp the server stores)."""
+    return datetime.now(UTC)
+
+
+def normalize_mac(text: str) -> str:
+    """``AA-BB-CC-DD-EE-FF`` / ``aabb.ccdd.eeff`` / ``aa:bb:..`` -> ``aa:bb:cc:dd:ee:ff``.
+
+    Raises ValueError with the offending text when it is not a MAC address.
+    """
+    hexdigits = re.sub(r"[^0-9a-fA-F]", "", text)
+    if len(hexdigits) != 12 or not re.fullmatch(r"[0-9a-fA-F:.\- ]+", text.strip()):
+        raise ValueError(f"{text!r} is not a MAC address (like 52:54:00:12:34:56)")
+    mac = ":".join(hexdigits[i : i + 2] for i in range(0, 12, 2)).lower()
+    assert _MAC_RE.match(mac)
+    return mac
+
+
+def check_name(text: str, what: str = "name") -> str:
+    """A display name: 1-63 of letters, digits, ``._ -``, starting with a letter or digit."""
+    if not _NAME_RE.match(text):
+        raise ValueError(
+            f"{what} {text!r} must be 1-63 letters, digits, '.', '_', '-' or spaces, "
+            "starting with a letter or digit"
+        )
+    return text
+
+
+def json_column() -> Any:
+    """A JSON column (TEXT on SQLite, JSON on PostgreSQL)."""
+    return Column(JSON, nullable=False)
+
+
+# -- users and tokens -------------------------------------------------------------------------
+
+
+class User(SQLModel, table=True):
+    """An administrator. ``password_hash`` is argon2id (server/security.py)."""
+
+    __tablename__ = "app_user"
+    id: int | None = Field(default=None, primary_key=True)
+    username: str = Field(index=True, unique=True, max_length=64)
+    password_hash: str
+    is_active: bool = True
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class UserPublic(SQLModel):
+    id: int
+    username: str
+    is_active: bool
+    created_at: datetime
+
+
+class ApiToken(SQLModel, table=True):
+    """A bearer credential: an admin's API token (user_id) or a machine's (machine_id).
+
+    Only the SHA-256 of the token is stored; the token itself is shown once.
+    """
+
+    __tablename__ = "api_token"
+    id: int | None = Field(default=None, primary_key=True)
+    token_hash: str = Field(index=True, unique=True, max_length=64)
+    kind: str = Field(max_length=16)  #: "admin" or "machine"
+    name: str = Field(default="", max_length=128)
+    user_id: int | None = Field(default=None, foreign_key="app_user.id", index=True)
+    machine_id: int | None = Field(default=None, foreign_key="machine.id", index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+    last_used_at: datetime | None = None
+    revoked: bool = False
+
+
+class LoginRequest(SQLModel):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=1024)
+    token_name: str = Field(default="login", max_length=128)
+
+
+class TokenPublic(SQLModel):
+    token: str
+    kind: str
+    name: str
+
+
+# -- images -----------------------------------------------------------------------------------
+
+
+class Image(SQLModel, table=True):
+    """An image of the store, as the database knows it (the store holds the blocks)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=128)
+    digest: str = Field(max_length=64)  #: SHA-256 of the canonical manifest, hex
+    image_size: int = Field(sa_type=BigInteger)
+    stored_bytes: int = Field(sa_type=BigInteger)
+    data_bytes: int = Field(sa_type=BigInteger)
+    block_size: int
+    block_count: int
+    data_blocks: int
+    zero_blocks: int
+    partition_table: str = Field(default="none", max_length=16)
+    source: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ImagePublic(SQLModel):
+    id: int
+    name: str
+    digest: str
+    image_size: int
+    stored_bytes: int
+    data_bytes: int
+    block_size: int
+    block_count: int
+    data_blocks: int
+    zero_blocks: int
+    partition_table: str
+    source: dict[str, Any]
+    created_at: datetime
+
+
+class ImageRegister(SQLModel):
+    """Register an image from a path on the server: a raw disk/device (capture) or a
+    qcow2/VMDK/VHD(X) file (import); ``existing`` registers an image already in the store."""
+
+    name: str = Field(min_length=1, max_length=128)
+    path: str = Field(default="", max_length=4096)
+    mode: Literal["capture", "import", "existing"] = "capture"
+    level: int | None = Field(default=None, ge=1, le=19)
+    all_blocks: bool = False
+
+
+# -- groups and machines ----------------------------------------------------------------------
+
+
+class GroupBase(SQLModel):
+    name: str = Field(max_length=63)
+    description: str = Field(default="", max_length=1024)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "group name")
+
+
+class Group(GroupBase, table=True):
+    __tablename__ = "machine_group"
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=63)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class GroupCreate(GroupBase):
+    pass
+
+
+class GroupUpdate(SQLModel):
+    name: str | None = Field(default=None, max_length=63)
+    description: str | None = Field(default=None, max_length=1024)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "group name")
+
+
+class GroupPublic(GroupBase):
+    id: int
+    created_at: datetime
+    machine_ids: list[int] = []
+
+
+class GroupMembers(SQLModel):
+    machine_ids: list[int] = Field(max_length=10_000)
+
+
+class Machine(SQLModel, table=True):
+    """A PC of a lab, known by its primary MAC (the one its agent or PXE request came from)."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    mac: str = Field(index=True, unique=True, max_length=17)
+    macs: list[str] = Field(default_factory=list, sa_column=json_column())
+    name: str = Field(default="", max_length=63)
+    group_id: int | None = Field(default=None, foreign_key="machine_group.id", index=True)
+    #: what the agent reported: {"disks": [{name, model, serial, size}], "cpu": {model, cores},
+    #: "ram_bytes": N, "nics": [{name, mac, speed_mbps}], "hostname": ...}
+    inventory: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
+    address: str = Field(default="", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    last_seen_at: datetime | None = None
+    last_image_id: int | None = Field(default=None, foreign_key="image.id")
+    last_deployed_at: datetime | None = None
+    last_outcome: str = Field(default="", max_length=16)
+
+
+class MachinePublic(SQLModel):
+    id: int
+    mac: str
+    macs: list[str]
+    name: str
+    group_id: int | None
+    inventory: dict[str, Any]
+    address: str
+    created_at: datetime
+    last_seen_at: datetime | None
+    last_image_id: int | None
+    last_deployed_at: datetime | None
+    last_outcome: str
+
+
+class MachineCreate(SQLModel):
+    mac: str = Field(max_length=32)
+    name: str = Field(default="", max_length=63)
+    group_id: int | None = None
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str) -> str:
+        return normalize_mac(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return v if v == "" else check_name(v, "machine name")
+
+
+class MachineUpdate(SQLModel):
+    name: str | None = Field(default=None, max_length=63)
+    group_id: int | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return v if not v else check_name(v, "machine name")
+
+
+class CsvImportResult(SQLModel):
+    created: int
+    updated: int
+    groups_created: int
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+class StartPolicy(SQLModel):
+    """When the sender starts sending (issue 5 adds times, quiet periods and schedules).
+
+    ``start``: "now" (the sender starts when the session is created) or "manual" (on
+    POST /sessions/{id}/start). The engine then waits for ``min_receivers`` (default: every
+    target) at most ``max_wait`` seconds, and starts with those present.
+    """
+
+    start: Literal["now", "manual"] = "now"
+    min_receivers: int | None = Field(default=None, ge=1, le=10_000)
+    max_wait: float = Field(default=300.0, ge=0.0, le=86_400.0)
+
+
+class SessionCreate(SQLModel):
+    image: str = Field(min_length=1, max_length=128)
+    group_id: int | None = None
+    machine_ids: list[int] = Field(default_factory=list, max_length=10_000)
+    start_policy: StartPolicy = Field(default_factory=StartPolicy)
+    #: bits per second cap; None: automatic (follows the receivers)
+    rate_bps: int | None = Field(default=None, ge=8192, le=100_000_000_000)
+
+
+class Session(SQLModel, table=True):
+    """A deployment of one image to a set of machines by one multicast sender."""
+
+    __tablename__ = "deploy_session"
+    id: int | None = Field(default=None, primary_key=True)
+    image_id: int = Field(foreign_key="image.id", index=True)
+    image_name: str = Field(max_length=128)
+    group_id: int | None = Field(default=None, foreign_key="machine_group.id")
+    start_policy: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
+    rate_bps: int | None = Field(default=None, sa_type=BigInteger)
+    mcast_group: str = Field(max_length=15)
+    mcast_port: int
+    wire_session_id: int = Field(sa_type=BigInteger)  #: the protocol's 32-bit session id
+    key_hex: str = Field(max_length=64)  #: the session key (secret: only agents get it)
+    state: str = Field(default="pending", index=True, max_length=16)
+    reason: str = Field(default="", max_length=2048)
+    created_by: str = Field(default="", max_length=64)
+    rerun_of: int | None = Field(default=None, foreign_key="deploy_session.id")
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    ended_at: datetime | None = None
+    #: counters of the sender at the end (bytes/datagrams sent, retransmissions, NAKs ...)
+    stats: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
+
+
+class SessionMachine(SQLModel, table=True):
+    """One target machine of a session, and how it is doing."""
+
+    __tablename__ = "session_machine"
+    __table_args__ = (UniqueConstraint("session_id", "machine_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: int = Field(foreign_key="deploy_session.id", index=True)
+    machine_id: int = Field(foreign_key="machine.id", index=True)
+    state: str = Field(default="pending", max_length=16)
+    reason: str = Field(default="", max_length=2048)
+    receiver_id: int | None = Field(default=None, sa_type=BigInteger)
+    bytes_done: int = Field(default=0, sa_type=BigInteger)  #: received and verified
+    bytes_total: int = Field(default=0, sa_type=BigInteger)
+    blocks_done: int = 0
+    blocks_total: int = 0
+    rate_bps: float = 0.0  #: write rate the agent measured
+    loss: float = 0.0
+    naks: int = 0
+    assigned_at: datetime | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    ended_at: datetime | None = None
+
+
+class SessionMachinePublic(SQLModel):
+    machine_id: int
+    machine_name: str = ""
+    mac: str = ""
+    state: str
+    reason: str
+    bytes_done: int
+    bytes_total: int
+    blocks_done: int
+    blocks_total: int
+    rate_bps: float
+    loss: float
+    naks: int
+    assigned_at: datetime | None
+    started_at: datetime | None
+    updated_at: datetime | None
+    ended_at: datetime | None
+
+
+class SessionPublic(SQLModel):
+    id: int
+    image_id: int
+    image_name: str
+    group_id: int | None
+    start_policy: dict[str, Any]
+    rate_bps: int | None
+    mcast_group: str
+    mcast_port: int
+    state: str
+    reason: str
+    created_by: str
+    rerun_of: int | None
+    created_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+    stats: dict[str, Any]
+    counts: dict[str, int] = {}
+
+
+class SessionDetail(SessionPublic):
+    machines: list[SessionMachinePublic] = []
+
+
+# -- agents -----------------------------------------------------------------------------------
+
+
+class AgentRegister(SQLModel):
+    macs: list[str] = Field(min_length=1, max_length=64)
+    hostname: str = Field(default="", max_length=255)
+    inventory: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("macs")
+    @classmethod
+    def _macs(cls, v: list[str]) -> list[str]:
+        out: list[str] = []
+        for m in v:
+            mac = normalize_mac(m)
+            if mac not in out:
+                out.append(mac)
+        return out
+
+
+class AgentCredential(SQLModel):
+    machine_id: int
+    credential: str
+    progress_interval: float
+
+
+class Assignment(SQLModel):
+    """What an agent is to do now; ``session_id`` None means nothing (poll again)."""
+
+    session_id: int | None = None
+    state: str = ""
+    group: str = ""
+    port: int = 0
+    key: str = ""  #: hex
+    image: str = ""
+    manifest_digest: str = ""  #: hex; the agent checks the manifest it receives against it
+    manifest: str = ""  #: base64 of the canonical manifest bytes
+    retry_after: float = 2.0
+
+
+class ProgressSample(SQLModel):
+    bytes_done: int = Field(ge=0, le=1 << 50)
+    bytes_total: int = Field(ge=0, le=1 << 50)
+    blocks_done: int = Field(default=0, ge=0, le=1 << 32)
+    blocks_total: int = Field(default=0, ge=0, le=1 << 32)
+    rate_bps: float = Field(default=0.0, ge=0.0, le=1e12)
+    loss: float = Field(default=0.0, ge=0.0, le=1.0)
+    naks: int = Field(default=0, ge=0, le=1 << 40)
+
+
+class AgentProgress(SQLModel):
+    session_id: int
+    receiver_id: int | None = Field(default=None, ge=0, le=0xFFFFFFFF)
+    samples: list[ProgressSample] = Field(min_length=1, max_length=64)
+
+
+class AgentProgressReply(SQLModel):
+    cancel: bool = False
+    reason: str = ""
+
+
+class AgentResult(SQLModel):
+    session_id: int
+    result: Literal["verified", "failed", "evicted", "aborted", "refused"]
+    reason: str = Field(default="", max_length=2048)
+    bytes_done: int = Field(default=0, ge=0, le=1 << 50)
+    blocks_done: int = Field(default=0, ge=0, le=1 << 32)
+    manifest_digest: str = Field(default="", max_length=64)
+    stats: dict[str, Any] = Field(default_factory=dict)
+
+
+# -- audit log --------------------------------------------------------------------------------
+
+
+class Event(SQLModel, table=True):
+    """One line of the audit log: who (actor) did what (kind), to which session/machine."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime = Field(default_factory=utcnow, index=True)
+    actor: str = Field(default="", max_length=80)  #: "user:NAME", "machine:ID", "server"
+    kind: str = Field(max_length=48, index=True)  #: e.g. "session.created", "machine.succeeded"
+    session_id: int | None = Field(default=None, index=True)
+    machine_id: int | None = Field(default=None, index=True)
+    message: str = Field(default="", max_length=4096)
+    data: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
+
+
+class EventPublic(SQLModel):
+    id: int
+    at: datetime
+    actor: str
+    kind: str
+    session_id: int | None
+    machine_id: int | None
+    message: str
+    data: dict[str, Any]

@@ -1,0 +1,241 @@
+"""Runs the multicast sender of every running session as an asyncio task in the server's loop.
+
+``launch(id)`` starts one (callable from any thread), ``stop(id)`` cancels it: the engine
+closes the session and tells the receivers (ABORT). Several sessions run side by side, each
+with its own socket, group, port, wire session id and key (server/multicast/sender.py).
+When a sender ends, the runner waits ``result_grace`` seconds for the agents' verdicts and
+then settles the session (services.sessions.finalize). ``shutdown()`` stops every sender
+and ends its session as failed, saying the server stopped; a server killed outright leaves
+its sessions ``running`` in the database, and the next start ends them the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.engine import Engine
+
+from protocol.config import EngineConfig
+from server.config import Settings
+from server.db import db_session
+from server.events import EventBus
+from server.images.store import ImageStore, StoreError
+from server.metrics import Metrics
+from server.models import MACHINE_ACTIVE, Session
+from server.multicast.run import SendOptions, SendReport, SessionRunner
+from server.multicast.sender import SenderSocketError
+from server.services import sessions as svc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+STATS_INTERVAL = 1.0
+SHUTDOWN_REASON = "the server was stopped while the session was running; re-run the failed machines"
+
+
+class SessionManager:
+    """The session runners of one server process."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        store: ImageStore,
+        settings: Settings,
+        bus: EventBus,
+        metrics: Metrics,
+    ) -> None:
+        self.engine, self.store, self.settings = engine, store, settings
+        self.bus, self.metrics = bus, metrics
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.tasks: dict[int, asyncio.Task[None]] = {}
+        self.runners: dict[int, SessionRunner] = {}
+        self._stopping = False
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    # -- control, from any thread -------------------------------------------------------
+
+    def launch(self, session_id: int) -> None:
+        """Start the sender of running session ``session_id``."""
+        self._in_loop(self._launch, session_id)
+
+    def stop(self, session_id: int) -> None:
+        """Cancel the sender of ``session_id`` (its receivers are told)."""
+        self._in_loop(self._stop, session_id)
+
+    def _in_loop(self, fn: Callable[[int], None], session_id: int) -> None:
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            raise RuntimeError("the session manager is not running")
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            fn(session_id)
+        else:
+            loop.call_soon_threadsafe(fn, session_id)
+
+    def _launch(self, session_id: int) -> None:
+        if session_id in self.tasks or self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(session_id))
+        self.tasks[session_id] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(session_id, None))
+
+    def _stop(self, session_id: int) -> None:
+        task = self.tasks.get(session_id)
+        if task is not None:
+            task.cancel()
+
+    async def shutdown(self, timeout: float = 15.0) -> None:
+        """Stop every sender; their sessions end as failed (SHUTDOWN_REASON)."""
+        self._stopping = True
+        tasks = list(self.tasks.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+    # -- one session --------------------------------------------------------------------
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        def work() -> T:
+            with db_session(self.engine) as db:
+                return fn(db, *args)
+
+        return await asyncio.to_thread(work)
+
+    async def _run(self, session_id: int) -> None:
+        report: SendReport | None = None
+        reason = ""
+        try:
+            runner = await self._db(self._prepare, session_id)
+            self.runners[session_id] = runner
+            stats_task = asyncio.get_running_loop().create_task(self._watch(session_id, runner))
+            try:
+                report = await runner.run()
+            finally:
+                stats_task.cancel()
+                self._count(runner)
+            log.info("session %d: sender ended: %s", session_id, report.outcome)
+            await self._await_results(session_id)
+        except asyncio.CancelledError:
+            reason = SHUTDOWN_REASON if self._stopping else "cancelled"
+            report = self.runners[session_id].report if session_id in self.runners else None
+        except (SenderSocketError, StoreError, _NotRunnable) as exc:
+            reason = f"the sender could not run: {exc}"
+            log.error("session %d: %s", session_id, reason)
+        except Exception as exc:  # a bug must end the session with a reason, not leave it running
+            log.exception("session %d: runner crashed", session_id)
+            reason = f"internal error in the session runner: {exc!r}"
+        finally:
+            self.runners.pop(session_id, None)
+        await asyncio.shield(self._db(self._finalize, session_id, report, reason))
+
+    def _prepare(self, db: Any, session_id: int) -> SessionRunner:
+        s = svc.get_session(db, session_id)
+        if s.state != "running":
+            raise _NotRunnable(f"session {session_id} is {s.state}")
+        if not self.settings.multicast_iface:
+            raise _NotRunnable(
+                "no multicast interface configured: set FLEETCAST_MULTICAST_IFACE to the NIC "
+                "facing the lab and restart the server"
+            )
+        targets = len(svc.session_machines(db, session_id))
+        policy = s.start_policy
+        manifest_bytes, manifest = self.store.load_manifest(s.image_name)
+        options = SendOptions(
+            group=s.mcast_group,
+            port=s.mcast_port,
+            iface=self.settings.multicast_iface,
+            key=bytes.fromhex(s.key_hex),
+            min_receivers=min(int(policy.get("min_receivers") or targets), targets),
+            max_wait=float(policy.get("max_wait", 300.0)),
+            rate_bps=s.rate_bps,
+            auto_rate=s.rate_bps is None,
+            ttl=self.settings.multicast_ttl,
+            session_id=s.wire_session_id,
+        )
+        config = EngineConfig(rate_bps=s.rate_bps, auto_rate=s.rate_bps is None)
+        return SessionRunner(
+            s.image_name, manifest_bytes, manifest, self.store.read_block, options, config=config
+        )
+
+    async def _watch(self, session_id: int, runner: SessionRunner) -> None:
+        """Every second: the sender's counters to /metrics and the live stream."""
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            self._count(runner)
+            stats = _engine_stats(runner)
+            self.bus.publish("session.stats", session_id=session_id, **stats)
+
+    def _count(self, runner: SessionRunner) -> None:
+        self.metrics.add_sender(id(runner), _engine_stats(runner))
+
+    async def _await_results(self, session_id: int) -> None:
+        """Give the agents ``result_grace`` seconds to report their verdicts."""
+        deadline = time.monotonic() + self.settings.result_grace
+        while time.monotonic() < deadline:
+            pending = await self._db(_active_machines, session_id)
+            if pending == 0:
+                return
+            await asyncio.sleep(0.25)
+
+    def _finalize(self, db: Any, session_id: int, report: SendReport | None, reason: str) -> None:
+        s = db.get(Session, session_id)
+        if s is None:
+            return
+        engine_states: dict[int, tuple[str, str]] = {}
+        stats: dict[str, Any] = dict(s.stats)
+        if report is not None:
+            engine_states = {rid: (r.state, r.reason) for rid, r in report.receivers.items()}
+            stats = {
+                "outcome": report.outcome,
+                "elapsed": round(report.elapsed, 3),
+                "wire": report.wire,
+                **_summary(report),
+            }
+        if reason == "cancelled":
+            reason = ""
+        svc.finalize(db, self.bus, s, engine_states, stats, reason)
+
+
+class _NotRunnable(Exception):
+    """The session cannot be sent (its state, or the server's configuration)."""
+
+
+def _active_machines(db: Any, session_id: int) -> int:
+    return sum(1 for r in svc.session_machines(db, session_id) if r.state in MACHINE_ACTIVE)
+
+
+def _engine_stats(runner: SessionRunner) -> dict[str, Any]:
+    session = getattr(runner, "session", None)
+    if session is None:
+        return {}
+    st = session.stats
+    return {
+        "bytes_sent": int(st.get("bytes_sent", 0)),
+        "datagrams_sent": int(st.get("datagrams_sent", 0)),
+        "repair_datagrams": int(st.get("repair_datagrams", 0)),
+        "naks": int(st.get("naks_received", 0)),
+        "evictions": int(st.get("evictions", 0)),
+        "rate_bps": st.get("rate_bps"),
+        "receivers": len(st.get("receivers", {})),
+    }
+
+
+def _summary(report: SendReport) -> dict[str, Any]:
+    with contextlib.suppress(Exception):
+        return {
+            "receivers": {
+                f"{rid:08x}": {"state": r.state, "reason": r.reason, "naks": r.naks, "loss": r.loss}
+                for rid, r in report.receivers.items()
+            }
+        }
+    return {}
