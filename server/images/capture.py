@@ -208,7 +208,21 @@ class _Pipeline:
 
     def run(self) -> bytes:
         """Process every block; return the whole-image SHA-256. Raises the first error."""
-        m, image_hash = self.manifest, hashlib.sha256()
+        image_hash = hashlib.sha256()
+        try:
+            self._walk(image_hash)
+        except BaseException:
+            self.progress.abort()
+            raise
+        if self.errors:
+            self.progress.abort()
+            raise self.errors[0]
+        self.progress.finish()
+        return image_hash.digest()
+
+    def _walk(self, image_hash: hashlib._Hash) -> None:
+        """Read every block in order, feed the image hash, hand data blocks to the pool."""
+        m = self.manifest
         with ThreadPoolExecutor(self.threads, thread_name_prefix="capture") as pool:
             for i in range(m.block_count):
                 if self.errors:
@@ -226,10 +240,6 @@ class _Pipeline:
                     self.slots.acquire()
                     pool.submit(self._store_block, i, buf)
                 self.progress.update(offset + length)
-        if self.errors:
-            raise self.errors[0]
-        self.progress.finish()
-        return image_hash.digest()
 
     def _read(self, offset: int, length: int) -> bytearray | memoryview | None:
         """The block with unused ranges zeroed; None if wholly unused; _zeros for a hole."""

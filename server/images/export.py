@@ -168,8 +168,13 @@ def _open_target(out: Path, size: int, overwrite: bool) -> Iterator[tuple[int, i
             fresh_from = old
         yield fd, fresh_from
         os.fsync(fd)
-    except OSError as exc:
-        raise ExportError(f"writing {out} failed: {exc.strerror}") from None
+    except BaseException as exc:
+        if not existed:  # a half-written new file would pass for an export: remove it
+            with contextlib.suppress(OSError):
+                out.unlink()
+        if isinstance(exc, OSError):
+            raise ExportError(f"writing {out} failed: {exc.strerror}") from None
+        raise
     finally:
         os.close(fd)
 

@@ -52,3 +52,9 @@ class Progress:
             self._done = self.total
             self.stream.write("\r" + self.line(time.monotonic()) + "\x1b[K\n")
             self.stream.flush()
+
+    def abort(self) -> None:
+        """End the bar's line (if one was drawn) so an error message starts on its own."""
+        if self.enabled and self._last_draw:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -290,3 +290,13 @@ def test_missing_block_file_is_reported_and_gc_keeps_referenced_blocks(
     assert image_main(["verify", "img"]) == 1
     err = capsys.readouterr().err
     assert "block 2 (offset 2097152)" in err and "missing" in err
+
+
+def test_a_failed_export_leaves_no_half_written_new_file(store: ImageStore, tmp_path: Path) -> None:
+    src = sparse_disk(tmp_path / "d.img", 2 * MIB, {0: text(MIB, "a"), MIB: text(MIB, "b")})
+    m = capture_image(store, "d", src, ALL).manifest
+    store.block_path(m.digest_of(1)).write_bytes(b"rotten")
+    out = tmp_path / "new.img"
+    with pytest.raises(ExportError, match="block 1"):
+        export_image(store, "d", out)
+    assert not out.exists()
