@@ -113,3 +113,83 @@ def _port(text: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port {port} is not in 1..65535")
     return port
+
+
+AGENT_EPILOG = """\
+exit status:
+  0  the deployment succeeded: the server recorded every block verified
+  1  the deployment failed, was evicted or aborted (the server was told why)
+  2  usage: bad arguments
+  3  the agent could not enroll, reach the server, or got no assignment within --wait
+"""
+
+
+def agent_main(argv: Sequence[str]) -> int:
+    """``fleetcast agent --server URL --token T --target T``: enroll, receive, report."""
+    parser = argparse.ArgumentParser(
+        prog="fleetcast agent",
+        description="Enroll with a fleetcast server, wait for a deployment assigned to this "
+        "machine, receive it onto --target and report the result.",
+        epilog=AGENT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--server", required=True, help="server URL, e.g. http://10.0.0.1:8080")
+    parser.add_argument("--token", required=True, help="the enrollment token")
+    parser.add_argument("--target", required=True, help="file or block device to write")
+    parser.add_argument("--iface", default="", help="interface (default: the route to --server)")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="give up when nothing is assigned within S seconds",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="give up a receive after S seconds"
+    )
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds between assignment polls (default 2)",
+    )
+    parser.add_argument(
+        "--loop",
+        action="store_true",
+        help="after a deployment, wait for the next one (default: exit)",
+    )
+    try:
+        args = parser.parse_args(list(argv))
+    except SystemExit as exc:
+        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    import asyncio
+    import logging
+
+    from client.agent import Agent, AgentError, AgentOptions
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    agent = Agent(
+        AgentOptions(
+            server=args.server,
+            token=args.token,
+            target=args.target,
+            iface=args.iface,
+            poll=args.poll,
+            wait=args.wait,
+            timeout=args.timeout,
+        )
+    )
+    try:
+        agent.register()
+        while True:
+            verdict = asyncio.run(agent.run_once())
+            print(
+                f"fleetcast agent: {verdict.get('state')} {verdict.get('reason', '')}".rstrip(),
+                file=sys.stderr,
+            )
+            if not args.loop:
+                return EXIT_OK if verdict.get("state") == "succeeded" else EXIT_FAILED
+    except AgentError as exc:
+        print(f"fleetcast agent: {exc}", file=sys.stderr)
+        return 3

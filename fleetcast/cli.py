@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("server.cli:send_main", "multicast an image from the store to receivers"),
     "receive": ("client.cli:receive_main", "receive a multicast image onto a disk or file"),
     "keygen": ("client.cli:keygen_main", "write a new random session key file"),
+    "server": ("server.cli:server_main", "run the control plane (HTTP API, sessions)"),
+    "admin": ("server.cli:admin_main", "create users and API tokens, migrate the database"),
+    "agent": ("client.cli:agent_main", "enroll with a server and receive what it assigns"),
 }
 
 

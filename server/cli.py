@@ -21,3 +21,17 @@ def send_main(argv: Sequence[str]) -> int:
     from server.multicast.command import send_main as run
 
     return run(argv)
+
+
+def server_main(argv: Sequence[str]) -> int:
+    """``fleetcast server [--host H] [--port P]``: run the control plane (see --help)."""
+    from server.admin import server_main as run
+
+    return run(argv)
+
+
+def admin_main(argv: Sequence[str]) -> int:
+    """``fleetcast admin create-user|token|migrate ...`` (see --help)."""
+    from server.admin import admin_main as run
+
+    return run(argv)

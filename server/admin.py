@@ -1,0 +1,121 @@
+"""``fleetcast server`` (uvicorn) and ``fleetcast admin create-user|token|migrate``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from server.config import Settings
+
+
+def server_main(argv: Sequence[str]) -> int:
+    """Serve the API until interrupted; returns an exit status."""
+    p = argparse.ArgumentParser(
+        prog="fleetcast server",
+        description="Run the fleetcast control plane (API at /api, docs at /docs). "
+        "Configured by FLEETCAST_* environment variables; see docs/SERVER.md.",
+    )
+    p.add_argument("--host", help="address to listen on (default $FLEETCAST_HOST or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default $FLEETCAST_PORT or 8080)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    try:
+        args = p.parse_args(list(argv))
+    except SystemExit as exc:
+        return 0 if exc.code == 0 else 2
+    settings = _settings()
+    if settings is None:
+        return 2
+    import uvicorn
+
+    from server.main import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    uvicorn.run(
+        create_app(settings),
+        host=args.host or settings.host,
+        port=args.port or settings.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=20,
+    )
+    return 0
+
+
+def admin_main(argv: Sequence[str]) -> int:
+    """``create-user NAME``, ``token NAME``, ``migrate``; returns an exit status."""
+    p = argparse.ArgumentParser(prog="fleetcast admin", description="Administer the server.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    cu = sub.add_parser(
+        "create-user",
+        help="add an admin user (password from a prompt or $FLEETCAST_ADMIN_PASSWORD)",
+    )
+    cu.add_argument("username")
+    tk = sub.add_parser("token", help="print a new API token for a user")
+    tk.add_argument("username")
+    tk.add_argument("--name", default="cli", help="a label for the token")
+    sub.add_parser("migrate", help="bring the database schema up to date")
+    try:
+        args = p.parse_args(list(argv))
+    except SystemExit as exc:
+        return 0 if exc.code == 0 else 2
+    settings = _settings()
+    if settings is None:
+        return 2
+    from server.db import db_session, make_engine, migrate
+    from server.services import users
+    from server.services.errors import ServiceError
+
+    engine = make_engine(settings.db_url)
+    try:
+        migrate(engine)
+        if args.cmd == "migrate":
+            print(f"database schema is up to date ({engine.url.render_as_string()})")
+            return 0
+        with db_session(engine) as db:
+            if args.cmd == "create-user":
+                password = os.environ.get("FLEETCAST_ADMIN_PASSWORD") or _ask_password()
+                users.create_user(db, args.username, password)
+                print(f"created user {args.username}", file=sys.stderr)
+            else:
+                user = _user(db, args.username)
+                print(users.create_admin_token(db, user, args.name))
+        return 0
+    except ServiceError as exc:
+        print(f"fleetcast admin: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+
+
+def _user(db: object, username: str) -> object:
+    from sqlmodel import select
+
+    from server.models import User
+    from server.services.errors import NotFound
+
+    user = db.exec(select(User).where(User.username == username)).first()  # type: ignore[attr-defined]
+    if user is None:
+        raise NotFound(f"no user named {username!r}: create it with 'fleetcast admin create-user'")
+    return user
+
+
+def _ask_password() -> str:
+    first = getpass.getpass("password: ")
+    if getpass.getpass("again: ") != first:
+        from server.services.errors import Invalid
+
+        raise Invalid("the passwords differ")
+    return first
+
+
+def _settings() -> Settings | None:
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        print(f"fleetcast: bad FLEETCAST_* setting: {exc}", file=sys.stderr)
+        return None
