@@ -169,7 +169,9 @@ class Receiver:
             out["blocks_refused"] = self.pipeline.blocks_refused
         out["verified_blocks"] = self._verified_blocks
         out["verified_bytes"] = self._verified_bytes
-        out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        out["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
+        out["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
         return out
 
     # -- events -------------------------------------------------------------------------
