@@ -115,11 +115,17 @@ class EngineConfig:
     sweep_holdoff: float = 0.6
     """Sender: do not sweep the same object again within this long (§4.2)."""
 
-    max_partial_objects: int = 64
+    max_partial_objects: int = 256
     """Receiver: most objects held half-received at once (memory bound)."""
+
+    max_partial_bytes: int = 48 << 20
+    """Receiver: most bytes of reassembly buffers at once (memory bound)."""
 
     max_unverified_blocks: int = 64
     """Receiver: most blocks handed to the shell and not yet verified; beyond, drop."""
+
+    max_unverified_bytes: int = 32 << 20
+    """Receiver: most stored bytes handed to the shell and not yet verified; beyond, drop."""
 
     max_block_failures: int = 5
     """Receiver: fail when one block fails verification this many times."""

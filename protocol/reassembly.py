@@ -54,6 +54,8 @@ class Reassembly:
 
     def __init__(self, config: EngineConfig) -> None:
         self._max_partial = config.max_partial_objects
+        self._max_bytes = config.max_partial_bytes
+        self.partial_bytes = 0
         self.blocks = bytearray()  #: state per block
         self.chunk_states = bytearray()  #: state per manifest chunk
         self.chunk_data: dict[int, bytes] = {}
@@ -135,6 +137,7 @@ class Reassembly:
         if p.count < p.fragments:
             return None
         del self.partials[obj]
+        self.partial_bytes -= p.size
         return p
 
     def _check_size(self, obj: int, size: int) -> None:
@@ -151,14 +154,17 @@ class Reassembly:
     def _new_partial(
         self, obj: int, size: int, states: bytearray, index: int, now: float
     ) -> Partial:
-        if len(self.partials) >= self._max_partial:
-            # Memory stays bounded: the oldest partial goes back to "needed".
-            old_obj, old = self.partials.popitem(last=False)
-            self.forget(old_obj)
-            self.dropped_frags += old.count
+        while self.partials and (
+            len(self.partials) >= self._max_partial or self.partial_bytes + size > self._max_bytes
+        ):
+            # Memory stays bounded: the partial we invested least in goes back to "needed".
+            victim = min(self.partials, key=lambda o: self.partials[o].count)
+            self.dropped_frags += self.partials[victim].count
             self.partials_dropped += 1
+            self.forget(victim)
         p = Partial(size, -(-size // self._fp), now)
         self.partials[obj] = p
+        self.partial_bytes += size
         states[index] = PARTIAL
         self.needed.discard(obj, obj + 1)
         return p
@@ -181,8 +187,13 @@ class Reassembly:
 
     def forget(self, obj: int) -> None:
         """Drop whatever we had of ``obj``: it is needed again."""
-        self.partials.pop(obj, None)
+        self.drop_partial(obj)
         self.set_state(obj, NEEDED)
+
+    def drop_partial(self, obj: int) -> None:
+        p = self.partials.pop(obj, None)
+        if p is not None:
+            self.partial_bytes -= p.size
 
     def due_naks(self, now: float, idle: float, repeat: float) -> list[tuple[int, Partial]]:
         """Partial objects to NAK now (§4.3), by object."""
@@ -196,6 +207,7 @@ class Reassembly:
 
     def clear(self) -> None:
         self.partials.clear()
+        self.partial_bytes = 0
         self.chunk_data.clear()
 
 

@@ -129,7 +129,9 @@ class ReceiverSession:
         self._data_total = 0
         self._verified = 0
         self._bytes_done = 0
-        self._unverified = 0
+        #: blocks handed to the shell (BlockReceived) and not settled yet: index -> stored size
+        self._handed: dict[int, int] = {}
+        self._handed_bytes = 0
         self._failures: Counter[int] = Counter()
         # timers; None = not armed
         self._join: Retry | None = None
@@ -165,7 +167,7 @@ class ReceiverSession:
             "blocks_total": self._data_total,
             "bytes_done": self._bytes_done,
             "partial_objects": len(self._objs.partials),
-            "unverified": self._unverified,
+            "unverified": len(self._handed),
             "datagrams": self._n_datagrams,
             "accepted": self._n_accepted,
             "fragments": self._objs.fragments,
@@ -266,15 +268,14 @@ class ReceiverSession:
 
     def _take_have(self, index: int) -> None:
         if self._objs.blocks[index] in (NEEDED, PARTIAL):
-            self._objs.partials.pop(index, None)
+            self._objs.drop_partial(index)
             self._mark_verified(index)
 
     def block_verified(self, index: int, now: float) -> None:
         """The shell decoded block ``index``, checked its hash and wrote it."""
         if self._state in (ReceiverState.LEAVING, ReceiverState.CLOSED):
             return
-        self._require_received(index)
-        self._unverified -= 1
+        self._settle(index)
         self._mark_verified(index)
         self._check_all_verified()
 
@@ -282,8 +283,7 @@ class ReceiverSession:
         """Block ``index`` did not decode or match its hash: it is requested again."""
         if self._state in (ReceiverState.LEAVING, ReceiverState.CLOSED):
             return
-        self._require_received(index)
-        self._unverified -= 1
+        self._settle(index)
         self._objs.set_state(index, NEEDED)
         self._failures[index] += 1
         self._counts["blocks_failed"] += 1
@@ -516,14 +516,19 @@ class ReceiverSession:
             if len(objs.chunk_data) == len(objs.chunk_states):
                 self._manifest_complete(now)
             return
-        if self._unverified >= self._config.max_unverified_blocks:
+        cfg = self._config
+        if (
+            len(self._handed) >= cfg.max_unverified_blocks
+            or self._handed_bytes + p.size > cfg.max_unverified_bytes
+        ):
             # The shell is behind: drop, report it as loss, get it again later.
             objs.forget(obj)
             objs.dropped_frags += p.count
             self._counts["backlog_drops"] += 1
             return
         objs.set_state(obj, RECEIVED)
-        self._unverified += 1
+        self._handed[obj] = p.size
+        self._handed_bytes += p.size
         self._counts["blocks_received"] += 1
         if self.manifest is None:
             self._early[obj] = bytes(p.buf)
@@ -561,16 +566,19 @@ class ReceiverSession:
                 self._events.append(BlockReceived(obj, payload))
                 continue
             self._counts["early_blocks_invalid"] += 1
-            self._unverified -= 1
+            self._handed_bytes -= self._handed.pop(obj, 0)
             if state == RECEIVED:
                 self._objs.forget(obj)
         self._early.clear()
 
     # -- progress -------------------------------------------------------------------------
 
-    def _require_received(self, index: int) -> None:
-        if not 0 <= index < len(self._objs.blocks) or self._objs.blocks[index] != RECEIVED:
+    def _settle(self, index: int) -> None:
+        """The shell is done with handed-out block ``index``; ValueError if it was not ours."""
+        size = self._handed.pop(index, None)
+        if size is None or self._objs.blocks[index] != RECEIVED:
             raise ValueError(f"block {index} was not handed out by BlockReceived (or was settled)")
+        self._handed_bytes -= size
 
     def _mark_verified(self, index: int) -> None:
         assert self.manifest is not None
@@ -649,7 +657,7 @@ class ReceiverSession:
             loss,
             write_bps,
             rx_bps,
-            self._unverified,
+            len(self._handed),
             0,
             span_start,
             span_end,

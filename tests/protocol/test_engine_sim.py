@@ -406,3 +406,23 @@ def test_a_receiver_never_completes_before_the_shell_made_blocks_durable() -> No
     with pytest.raises(ValueError, match="before AllBlocksVerified"):
         fresh = ReceiverSession(key=KEY, config=net.config, now=0.0, rng=random.Random(1))
         fresh.blocks_durable(0.0)
+
+
+def test_memory_bounds_drop_work_but_never_correctness() -> None:
+    config = EngineConfig(
+        auto_rate=False,
+        rate_bps=50_000_000,
+        max_partial_bytes=3 * (64 << 10),
+        max_unverified_blocks=2,
+        max_unverified_bytes=1 << 20,
+    )
+    link = Link(drop=0.05, reorder=0.3)
+    net = SimNet(25, make_image(random.Random(25), blocks=24), config, min_receivers=2, down=link)
+    rs = [net.add_receiver(f"r{i}", verify_delay=0.004) for i in range(2)]
+    net.run(limit=60)
+    for r in rs:
+        assert net.outcome(r) == "completed"
+        net.check_disk(r)
+    stats = [r.session.stats for r in rs]
+    assert sum(s["partials_dropped"] for s in stats) > 0
+    assert sum(s.get("backlog_drops", 0) for s in stats) > 0
