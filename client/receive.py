@@ -49,6 +49,21 @@ OK, FAILED, EVICTED, ABORTED, REFUSED, USAGE = (
     "refused",
     "usage",
 )
+#: Drop reasons (docs/PROTOCOL.md §2.2) that mean a datagram was hostile or damaged; the
+#: others are datagrams that were fine but not for this receiver at that moment.
+REJECTED = frozenset(
+    {
+        "short",
+        "bad_magic",
+        "bad_version",
+        "bad_tag",
+        "unexpected_type",
+        "malformed",
+        "invalid",
+        "replayed",
+        "internal_error",
+    }
+)
 #: mallopt(3) parameter: allocations at least this big are mmapped.
 M_MMAP_THRESHOLD = -3
 #: After the outcome is known, keep answering the sender this long at most (DONE/LEAVE acks).
@@ -369,7 +384,8 @@ def summary_line(target: str, outcome: Outcome, elapsed: float) -> str:
     s = outcome.stats
     session = s.get("session", {})
     dropped = session.get("dropped", {}) if isinstance(session.get("dropped"), dict) else {}
-    drops = sum(v for v in dropped.values() if isinstance(v, int))
+    rejected = sum(v for k, v in dropped.items() if k in REJECTED and isinstance(v, int))
+    ignored = sum(v for k, v in dropped.items() if k not in REJECTED and isinstance(v, int))
     mib = s.get("verified_bytes", 0) / (1 << 20)
     rate = mib / elapsed if elapsed > 0 else 0.0
     head = f"fleetcast receive: {outcome.result.upper()}"
@@ -379,7 +395,8 @@ def summary_line(target: str, outcome: Outcome, elapsed: float) -> str:
     return (
         f"{head}: {target}, {mib:.1f} MiB verified in {elapsed:.1f} s ({rate:.1f} MiB/s), "
         f"peak RSS {s.get('peak_rss_mib', 0):.0f} MiB, "
-        f"{sock.get('datagrams_in', 0)} datagrams in, {drops} dropped"
+        f"{sock.get('datagrams_in', 0)} datagrams in, {rejected} rejected (forged, damaged, "
+        f"replayed), {ignored} ignored (not for us now)"
         + (f" {json.dumps(dropped, separators=(',', ':'))}" if dropped else "")
     )
 

@@ -36,9 +36,10 @@ def test_the_summary_names_outcome_reason_and_drops() -> None:
             "verified_bytes": 3 << 20,
             "peak_rss_mib": 40.0,
             "socket": {"datagrams_in": 1000},
-            "session": {"dropped": {"bad_tag": 7, "replayed": 2}},
+            "session": {"dropped": {"bad_tag": 7, "replayed": 2, "not_joined": 40}},
         },
     )
     line = summary_line("/dev/sda", outcome, 2.0)
     assert line.startswith("fleetcast receive: EVICTED (cannot-keep-up): /dev/sda, 3.0 MiB")
-    assert "9 dropped" in line and '"bad_tag":7' in line
+    assert "9 rejected (forged, damaged, replayed), 40 ignored" in line
+    assert '"bad_tag":7' in line
