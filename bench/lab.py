@@ -433,3 +433,23 @@ def _run(
 def _close_all() -> None:
     for built in list(_live_labs):
         built.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.lab list|sweep``: show lab namespaces, or delete orphaned ones."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args == ["list"]:
+        print("\n".join(lab_namespaces()))
+        return 0
+    if args == ["sweep"]:
+        for ns in sweep_stale():
+            print(f"deleted {ns}")
+        return 0
+    print("usage: python -m bench.lab list|sweep", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

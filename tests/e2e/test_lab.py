@@ -134,3 +134,15 @@ def test_wait_usage_reports_cpu_and_rss(make_lab: Callable[..., Lab]) -> None:
     assert code == 0
     assert usage.ru_utime + usage.ru_stime >= 0.25
     assert usage.ru_maxrss > 50 << 10  # KiB
+
+
+def test_namespaces_left_by_a_dead_run_are_swept(make_lab: Callable[..., Lab]) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a PID that no longer runs
+    orphan = f"fclab-{dead.pid}-dead00-r0"
+    subprocess.run(["ip", "netns", "add", orphan], check=True)
+    try:
+        make_lab(1)  # building a lab sweeps first
+        assert orphan not in lab_namespaces()
+    finally:
+        subprocess.run(["ip", "netns", "del", orphan], capture_output=True)
