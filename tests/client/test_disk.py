@@ -212,3 +212,17 @@ def test_a_full_filesystem_is_a_clear_disk_error(tmp_path: Path) -> None:
                 t.write(i * MIB, b"\x01" * MIB)
         assert err.value.errno == 28
         t.close()
+
+
+def test_an_io_error_is_a_clear_disk_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = Target.open(tmp_path / "disk.img", MIB)
+
+    def failing_pwrite(fd: int, data: object, offset: int) -> int:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    with pytest.raises(DiskError, match="reported an I/O error") as err:
+        t.write(4096, b"x" * 4096)
+    assert err.value.errno == 5
+    assert "at offset 4096" in str(err.value)
+    t.close()
