@@ -38,7 +38,7 @@ def image_row(name: str, manifest: Manifest, digest: bytes) -> Image:
         name=name,
         digest=digest.hex(),
         image_size=manifest.image_size,
-        stored_bytes=manifest.stored_bytes(),
+        stored_bytes=manifest.stored_bytes,
         data_bytes=manifest.data_bytes(),
         block_size=manifest.block_size,
         block_count=manifest.block_count,

@@ -109,7 +109,7 @@ def enroll(
         m = Machine(mac=macs[0], macs=list(macs), name=str(inventory.get("hostname", ""))[:63])
     else:
         m.macs = sorted(set(m.macs) | set(macs))
-    m.inventory = inventory
+    m.inventory = {**m.inventory, **inventory}  # a partial report keeps what is known
     m.address = address[:64]
     m.last_seen_at = utcnow()
     db.add(m)
