@@ -27,6 +27,7 @@ from pathlib import Path
 BLKROGET = 0x125E
 BLKGETSIZE64 = 0x80081272
 BLKZEROOUT = 0x127F
+BLKRRPART = 0x125F
 # <linux/falloc.h>
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -201,6 +202,20 @@ class Target:
             os.fsync(self.fd)
         except OSError as exc:
             raise self._failure("syncing", 0, exc) from None
+
+    def reread_partitions(self) -> str:
+        """Ask the kernel to re-read a device's partition table; "" or why it could not.
+
+        Best effort after a successful write: the new partitions appear at once (for a
+        check, or for the next boot step) instead of after a reboot. Files: nothing to do.
+        """
+        if not self.is_device:
+            return ""
+        try:
+            fcntl.ioctl(self.fd, BLKRRPART)
+        except OSError as exc:
+            return f"the kernel did not re-read the partition table: {exc.strerror}"
+        return ""
 
     def close(self) -> None:
         """Close the target (idempotent). Does not sync: call ``sync()`` first."""

@@ -274,6 +274,10 @@ class Receiver:
         except DiskError as exc:
             self._disk_error(exc)
             return
+        if self.target is not None:
+            why = self.target.reread_partitions()
+            if why:
+                log.warning("%s: %s", self.target_path, why)
         self._call(self.session.blocks_durable, self._now())
 
     # -- helpers ------------------------------------------------------------------------
