@@ -17,7 +17,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("./data"), validation_alias="FLEETCAST_DATA")
     #: zstd level for captures and imports (1 fastest .. 19 smallest).
     compression_level: int = Field(default=3, ge=1, le=19)
-    #: Threads hashing and compressing blocks during a capture (0: one per CPU).
+    #: Threads hashing and compressing blocks during a capture (0: one per CPU plus two).
     capture_threads: int = Field(default=0, ge=0, le=256)
 
     # -- the control plane (issue 4) -----------------------------------------------------
