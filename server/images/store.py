@@ -409,9 +409,13 @@ class ImageStore:
             pid = f.name.split("-", 1)[0]
             if pid.isdigit() and (pid == str(_DEAD_PID) or not _pid_alive(int(pid))):
                 dead_marker |= f.name.endswith(".run")
-                with contextlib.suppress(FileNotFoundError):
+                try:
                     f.unlink()
                     removed += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:  # e.g. EBUSY: an import's FUSE view still mounted
+                    log.warning("cannot remove %s: %s; unmount it ('umount -l')", f, exc)
         return removed, dead_marker
 
     def _sweep_orphans(self) -> int:
