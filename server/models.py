@@ -17,11 +17,16 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
+from annotated_types import Ge, Le
 from pydantic import field_validator
 from sqlalchemy import JSON, BigInteger, Column, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+#: Ids are 1..2^31-1 everywhere (PostgreSQL's integer); larger ones are refused with a 422.
+MAX_ID = 2**31 - 1
+DbId = Annotated[int, Ge(1), Le(MAX_ID)]
 
 SESSION_ACTIVE = ("pending", "running")
 SESSION_ENDED = ("succeeded", "partial", "failed", "cancelled")
@@ -207,7 +212,7 @@ class GroupPublic(GroupBase):
 
 
 class GroupMembers(SQLModel):
-    machine_ids: list[int] = Field(max_length=10_000)
+    machine_ids: list[DbId] = Field(max_length=10_000)
 
 
 class Machine(SQLModel, table=True):
@@ -247,7 +252,7 @@ class MachinePublic(SQLModel):
 class MachineCreate(SQLModel):
     mac: str = Field(max_length=32)
     name: str = Field(default="", max_length=63)
-    group_id: int | None = None
+    group_id: DbId | None = None
 
     @field_validator("mac")
     @classmethod
@@ -262,7 +267,7 @@ class MachineCreate(SQLModel):
 
 class MachineUpdate(SQLModel):
     name: str | None = Field(default=None, max_length=63)
-    group_id: int | None = None
+    group_id: DbId | None = None
 
     @field_validator("name")
     @classmethod
@@ -294,8 +299,8 @@ class StartPolicy(SQLModel):
 
 class SessionCreate(SQLModel):
     image: str = Field(min_length=1, max_length=128)
-    group_id: int | None = None
-    machine_ids: list[int] = Field(default_factory=list, max_length=10_000)
+    group_id: DbId | None = None
+    machine_ids: list[DbId] = Field(default_factory=list, max_length=10_000)
     start_policy: StartPolicy = Field(default_factory=StartPolicy)
     #: bits per second cap; None: automatic (follows the receivers)
     rate_bps: int | None = Field(default=None, ge=8192, le=100_000_000_000)
@@ -443,7 +448,7 @@ class ProgressSample(SQLModel):
 
 
 class AgentProgress(SQLModel):
-    session_id: int
+    session_id: DbId
     receiver_id: int | None = Field(default=None, ge=0, le=0xFFFFFFFF)
     samples: list[ProgressSample] = Field(min_length=1, max_length=64)
 
@@ -454,7 +459,7 @@ class AgentProgressReply(SQLModel):
 
 
 class AgentResult(SQLModel):
-    session_id: int
+    session_id: DbId
     result: Literal["verified", "failed", "evicted", "aborted", "refused"]
     reason: str = Field(default="", max_length=2048)
     bytes_done: int = Field(default=0, ge=0, le=1 << 50)

@@ -8,10 +8,11 @@ checked by tests/server/test_api_auth.py).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlmodel import Session as DbSession
 
@@ -20,6 +21,7 @@ from server.db import db_session
 from server.events import EventBus
 from server.images.store import ImageStore
 from server.metrics import Metrics
+from server.models import MAX_ID
 from server.services.errors import Forbidden, Unauthorized
 from server.services.runner import SessionManager
 from server.services.users import Principal, resolve_token
@@ -29,6 +31,25 @@ PUBLIC_ROUTES = {
     ("GET", "/healthz"),
     ("POST", "/api/auth/login"),
     ("POST", "/api/agent/register"),  # its own credential: the enrollment token
+}
+
+
+class ErrorDetail(BaseModel):
+    """Every error but a schema validation error (422): what went wrong and what to do."""
+
+    detail: str
+
+
+#: The error answers every route may give, for the OpenAPI schema.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorDetail, "description": text}
+    for code, text in (
+        (400, "the request's values do not make sense"),
+        (401, "no valid token"),
+        (403, "the token may not do this"),
+        (404, "no such thing"),
+        (409, "clashes with the current state"),
+    )
 }
 
 _bearer = HTTPBearer(auto_error=False, description="an admin API token or a machine credential")
@@ -100,6 +121,10 @@ def require_machine(request: Request, creds: BearerDep) -> Principal:
         raise Forbidden("this route is for agents: use the machine credential from register")
     return who
 
+
+#: A path id, and an optional query id (1..2^31-1; larger ones get a 422, not a 500).
+Id = Annotated[int, Path(ge=1, le=MAX_ID)]
+OptId = Annotated[int | None, Query(ge=1, le=MAX_ID)]
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
 MachineDep = Annotated[Principal, Depends(require_machine)]

@@ -20,9 +20,10 @@ class Conflict(ServiceError):
 
 
 class Invalid(ServiceError):
-    """The request is well-formed but its values do not make sense."""
+    """The request is well-formed but its values do not make sense (400; 422 is left to
+    schema validation errors, which have their own shape)."""
 
-    status = 422
+    status = 400
 
 
 class Unauthorized(ServiceError):

@@ -70,7 +70,7 @@ def test_image_register_capture_list_detail_delete(api: Api, tmp_path: Path) -> 
     again = api.post("/api/images", json={"name": "lab-a", "path": str(disk)})
     assert again.status_code == 409
     missing = api.post("/api/images", json={"name": "lab-b", "path": str(tmp_path / "nope")})
-    assert missing.status_code == 422 and "nope" in missing.json()["detail"]
+    assert missing.status_code == 400 and "nope" in missing.json()["detail"]
     assert api.delete(f"/api/images/{image['id']}").status_code == 204
     assert api.get("/api/images").json() == []
     assert not ImageStore(api.settings.image_root).exists("lab-a")
@@ -97,7 +97,7 @@ def test_upload_streams_the_body_into_the_store(api: Api, tmp_path: Path) -> Non
     assert manifest.image_sha256 == hashlib.sha256(disk.read_bytes()).digest()
     assert not list(ImageStore(api.settings.image_root).tmp_dir.glob("*upload*"))
     empty = api.put("/api/images/upload", params={"name": "empty"}, content=b"")
-    assert empty.status_code == 422
+    assert empty.status_code == 400
 
 
 def test_machines_groups_and_csv_import(api: Api) -> None:
@@ -116,7 +116,7 @@ def test_machines_groups_and_csv_import(api: Api) -> None:
         content="52:54:00:00:00:03,ok\nnot-a-mac,x\n",
         headers={**api.auth, "Content-Type": "text/csv"},
     )
-    assert bad.status_code == 422 and "line 2" in bad.json()["detail"]
+    assert bad.status_code == 400 and "line 2" in bad.json()["detail"]
     assert len(api.get("/api/machines").json()) == 2  # all or nothing
     mid = machines[0]["id"]
     assert api.patch(f"/api/machines/{mid}", json={"name": "front-desk"}).json()["name"] == (
@@ -208,7 +208,7 @@ def test_cancel_a_pending_session(api: Api) -> None:
     ).json()
     r = api.post(f"/api/sessions/{s['id']}/cancel").json()
     assert r["state"] == "cancelled" and r["machines"][0]["state"] == "cancelled"
-    assert api.post("/api/sessions", json={"image": "golden", "machine_ids": []}).status_code == 422
+    assert api.post("/api/sessions", json={"image": "golden", "machine_ids": []}).status_code == 400
     assert api.get("/api/sessions", params={"state": "cancelled"}).json()[0]["id"] == s["id"]
 
 

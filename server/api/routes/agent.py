@@ -5,7 +5,16 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, status
 from sqlmodel import select
 
-from server.api.deps import BearerDep, BusDep, DbDep, MachineDep, MetricsDep, SettingsDep, StoreDep
+from server.api.deps import (
+    ERRORS,
+    BearerDep,
+    BusDep,
+    DbDep,
+    MachineDep,
+    MetricsDep,
+    SettingsDep,
+    StoreDep,
+)
 from server.models import (
     AgentCredential,
     AgentProgress,
@@ -20,7 +29,7 @@ from server.services import sessions as svc
 from server.services.errors import Forbidden, Unauthorized
 from server.services.machines import enroll
 
-router = APIRouter(prefix="/api/agent", tags=["agent"])
+router = APIRouter(prefix="/api/agent", tags=["agent"], responses=ERRORS)
 
 
 @router.post("/register", response_model=AgentCredential)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api.deps import AdminDep, DbDep
+from server.api.deps import ERRORS, AdminDep, DbDep
 from server.models import LoginRequest, TokenPublic, User, UserPublic
 from server.services import users
 from server.services.audit import record
 from server.services.errors import NotFound
 
-router = APIRouter(prefix="/api/auth", tags=["auth"])
+router = APIRouter(prefix="/api/auth", tags=["auth"], responses=ERRORS)
 
 
 @router.post("/login", response_model=TokenPublic)

@@ -7,21 +7,21 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from server.api.deps import AdminDep, BusDep, DbDep
+from server.api.deps import ERRORS, AdminDep, BusDep, DbDep, OptId
 from server.models import Event, EventPublic
 from server.services.audit import list_events
 
-router = APIRouter(prefix="/api/events", tags=["events"])
+router = APIRouter(prefix="/api/events", tags=["events"], responses=ERRORS)
 
 
 @router.get("", response_model=list[EventPublic])
 def audit_log(
     _who: AdminDep,
     db: DbDep,
-    session_id: int | None = None,
-    machine_id: int | None = None,
+    session_id: OptId = None,
+    machine_id: OptId = None,
     kind: Annotated[str | None, Query(max_length=48)] = None,
-    before_id: int | None = None,
+    before_id: OptId = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 200,
 ) -> list[Event]:
     """Newest first."""

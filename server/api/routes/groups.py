@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from server.api.deps import AdminDep, BusDep, DbDep
+from server.api.deps import ERRORS, AdminDep, BusDep, DbDep, Id
 from server.models import Group, GroupCreate, GroupMembers, GroupPublic, GroupUpdate
 from server.services import machines as svc
 from server.services.audit import record
 
-router = APIRouter(prefix="/api/groups", tags=["groups"])
+router = APIRouter(prefix="/api/groups", tags=["groups"], responses=ERRORS)
 
 
 def _public(db: DbDep, g: Group) -> GroupPublic:
@@ -31,13 +31,13 @@ def create_group(body: GroupCreate, who: AdminDep, db: DbDep, bus: BusDep) -> Gr
 
 
 @router.get("/{group_id}", response_model=GroupPublic)
-def get_group(group_id: int, _who: AdminDep, db: DbDep) -> GroupPublic:
+def get_group(group_id: Id, _who: AdminDep, db: DbDep) -> GroupPublic:
     return _public(db, svc.get_group(db, group_id))
 
 
 @router.patch("/{group_id}", response_model=GroupPublic)
 def update_group(
-    group_id: int, body: GroupUpdate, who: AdminDep, db: DbDep, bus: BusDep
+    group_id: Id, body: GroupUpdate, who: AdminDep, db: DbDep, bus: BusDep
 ) -> GroupPublic:
     g = svc.update_group(db, svc.get_group(db, group_id), body.model_dump(exclude_unset=True))
     record(db, bus, "group.edited", actor=who.actor, message=g.name)
@@ -45,7 +45,7 @@ def update_group(
 
 
 @router.delete("/{group_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_group(group_id: int, who: AdminDep, db: DbDep, bus: BusDep) -> None:
+def delete_group(group_id: Id, who: AdminDep, db: DbDep, bus: BusDep) -> None:
     g = svc.get_group(db, group_id)
     name = g.name
     svc.delete_group(db, g)
@@ -54,7 +54,7 @@ def delete_group(group_id: int, who: AdminDep, db: DbDep, bus: BusDep) -> None:
 
 @router.put("/{group_id}/machines", response_model=GroupPublic)
 def set_members(
-    group_id: int, body: GroupMembers, who: AdminDep, db: DbDep, bus: BusDep
+    group_id: Id, body: GroupMembers, who: AdminDep, db: DbDep, bus: BusDep
 ) -> GroupPublic:
     """Make exactly these machines the group's members."""
     g = svc.get_group(db, group_id)
@@ -66,7 +66,7 @@ def set_members(
 
 @router.post("/{group_id}/machines", response_model=GroupPublic)
 def add_members(
-    group_id: int, body: GroupMembers, who: AdminDep, db: DbDep, bus: BusDep
+    group_id: Id, body: GroupMembers, who: AdminDep, db: DbDep, bus: BusDep
 ) -> GroupPublic:
     """Add these machines to the group (moving them from any other group)."""
     g = svc.get_group(db, group_id)

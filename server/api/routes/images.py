@@ -9,13 +9,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 
-from server.api.deps import AdminDep, BusDep, DbDep, SettingsDep, StoreDep
+from server.api.deps import ERRORS, AdminDep, BusDep, DbDep, Id, SettingsDep, StoreDep
 from server.db import db_session
 from server.models import Image, ImagePublic, ImageRegister
 from server.services import images as svc
 from server.services.audit import record
 
-router = APIRouter(prefix="/api/images", tags=["images"])
+router = APIRouter(prefix="/api/images", tags=["images"], responses=ERRORS)
 NameQuery = Annotated[str, Query(min_length=1, max_length=128)]
 
 
@@ -25,7 +25,7 @@ def list_images(_who: AdminDep, db: DbDep) -> list[Image]:
 
 
 @router.get("/{image_id}", response_model=ImagePublic)
-def get_image(image_id: int, _who: AdminDep, db: DbDep) -> Image:
+def get_image(image_id: Id, _who: AdminDep, db: DbDep) -> Image:
     return svc.get_image(db, image_id)
 
 
@@ -114,7 +114,7 @@ async def upload_image(
 
 
 @router.delete("/{image_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_image(image_id: int, who: AdminDep, db: DbDep, store: StoreDep, bus: BusDep) -> None:
+def delete_image(image_id: Id, who: AdminDep, db: DbDep, store: StoreDep, bus: BusDep) -> None:
     """Delete the image and its unshared blocks; refused while a session uses it."""
     image = svc.get_image(db, image_id)
     name = image.name

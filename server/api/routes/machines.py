@@ -4,21 +4,21 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Body, status
 
-from server.api.deps import AdminDep, BusDep, DbDep
+from server.api.deps import ERRORS, AdminDep, BusDep, DbDep, Id, OptId
 from server.models import CsvImportResult, Machine, MachineCreate, MachinePublic, MachineUpdate
 from server.services import machines as svc
 from server.services.audit import record
 
-router = APIRouter(prefix="/api/machines", tags=["machines"])
+router = APIRouter(prefix="/api/machines", tags=["machines"], responses=ERRORS)
 
 
 @router.get("", response_model=list[MachinePublic])
-def list_machines(_who: AdminDep, db: DbDep, group_id: int | None = None) -> list[Machine]:
+def list_machines(_who: AdminDep, db: DbDep, group_id: OptId = None) -> list[Machine]:
     return svc.list_machines(db, group_id)
 
 
 @router.get("/{machine_id}", response_model=MachinePublic)
-def get_machine(machine_id: int, _who: AdminDep, db: DbDep) -> Machine:
+def get_machine(machine_id: Id, _who: AdminDep, db: DbDep) -> Machine:
     return svc.get_machine(db, machine_id)
 
 
@@ -31,7 +31,7 @@ def create_machine(body: MachineCreate, who: AdminDep, db: DbDep, bus: BusDep) -
 
 @router.patch("/{machine_id}", response_model=MachinePublic)
 def update_machine(
-    machine_id: int, body: MachineUpdate, who: AdminDep, db: DbDep, bus: BusDep
+    machine_id: Id, body: MachineUpdate, who: AdminDep, db: DbDep, bus: BusDep
 ) -> Machine:
     m = svc.update_machine(db, svc.get_machine(db, machine_id), body.model_dump(exclude_unset=True))
     record(
@@ -46,7 +46,7 @@ def update_machine(
 
 
 @router.delete("/{machine_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_machine(machine_id: int, who: AdminDep, db: DbDep, bus: BusDep) -> None:
+def delete_machine(machine_id: Id, who: AdminDep, db: DbDep, bus: BusDep) -> None:
     svc.delete_machine(db, svc.get_machine(db, machine_id))
     record(db, bus, "machine.deleted", actor=who.actor, machine_id=machine_id)
 

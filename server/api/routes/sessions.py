@@ -6,12 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, status
 
-from server.api.deps import AdminDep, BusDep, DbDep, ManagerDep, SettingsDep
+from server.api.deps import ERRORS, AdminDep, BusDep, DbDep, Id, ManagerDep, OptId, SettingsDep
 from server.models import SESSION_STATES, SessionCreate, SessionDetail, SessionPublic
 from server.services import sessions as svc
 from server.services.errors import Invalid
 
-router = APIRouter(prefix="/api/sessions", tags=["sessions"])
+router = APIRouter(prefix="/api/sessions", tags=["sessions"], responses=ERRORS)
 
 
 @router.get("", response_model=list[SessionPublic])
@@ -19,7 +19,7 @@ def list_sessions(
     _who: AdminDep,
     db: DbDep,
     state: str | None = None,
-    image_id: int | None = None,
+    image_id: OptId = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[SessionPublic]:
     if state is not None and state not in SESSION_STATES:
@@ -51,13 +51,13 @@ def create_session(
 
 
 @router.get("/{session_id}", response_model=SessionDetail)
-def get_session(session_id: int, _who: AdminDep, db: DbDep) -> SessionDetail:
+def get_session(session_id: Id, _who: AdminDep, db: DbDep) -> SessionDetail:
     return svc.detail(db, svc.get_session(db, session_id))
 
 
 @router.post("/{session_id}/start", response_model=SessionDetail)
 def start_session(
-    session_id: int, who: AdminDep, db: DbDep, bus: BusDep, manager: ManagerDep
+    session_id: Id, who: AdminDep, db: DbDep, bus: BusDep, manager: ManagerDep
 ) -> SessionDetail:
     """Start a pending session now."""
     s = svc.get_session(db, session_id)
@@ -69,7 +69,7 @@ def start_session(
 
 @router.post("/{session_id}/cancel", response_model=SessionDetail)
 def cancel_session(
-    session_id: int, who: AdminDep, db: DbDep, bus: BusDep, manager: ManagerDep
+    session_id: Id, who: AdminDep, db: DbDep, bus: BusDep, manager: ManagerDep
 ) -> SessionDetail:
     """Stop the sender (receivers are told) and end the session as cancelled."""
     s = svc.get_session(db, session_id)
@@ -83,7 +83,7 @@ def cancel_session(
     "/{session_id}/rerun", response_model=SessionDetail, status_code=status.HTTP_201_CREATED
 )
 def rerun_session(
-    session_id: int,
+    session_id: Id,
     who: AdminDep,
     db: DbDep,
     bus: BusDep,

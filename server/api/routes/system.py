@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from sqlalchemy import text
 
-from server.api.deps import AdminDep, DbDep, MetricsDep
+from server.api.deps import ERRORS, AdminDep, DbDep, MetricsDep
 
-router = APIRouter(tags=["system"])
+router = APIRouter(tags=["system"], responses=ERRORS)
 
 
 @router.get("/healthz")
