@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from protocol.config import MAX_PAYLOAD_SIZE, MIN_PAYLOAD_SIZE
 from protocol.keys import KeyFormatError, parse_key
 from server.multicast.run import SendOptions, SendReport, SessionRunner
 from server.multicast.sender import SenderSocketError
@@ -85,9 +86,25 @@ def send_parser() -> argparse.ArgumentParser:
         help="bits/s cap like 900M or 1G, or auto (default) to follow loss",
     )
     p.add_argument("--ttl", type=int, default=1, help="multicast TTL (default 1: this LAN)")
+    p.add_argument(
+        "--payload-size",
+        type=int,
+        default=1472,
+        metavar="BYTES",
+        help="UDP payload per datagram: 1472 for a 1500-byte MTU (default), 8972 for jumbo "
+        "frames of 9000; receivers follow the sender",
+    )
     p.add_argument("--no-gso", action="store_true", help="one send per datagram (no UDP GSO)")
     p.add_argument("--data-dir", default=None, help="override $FLEETCAST_DATA")
     return p
+
+
+class _Refused(Exception):
+    """The command cannot start; ``code`` is its exit status, the message says why."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def send_main(argv: Sequence[str]) -> int:
@@ -96,22 +113,45 @@ def send_main(argv: Sequence[str]) -> int:
         args = send_parser().parse_args(list(argv))
     except SystemExit as exc:
         return EXIT_OK if exc.code == 0 else EXIT_USAGE
+    try:
+        runner = _prepare(args)
+    except _Refused as exc:
+        print(f"fleetcast send: {exc}", file=sys.stderr)
+        return exc.code
+    live = LiveLines(sys.stderr) if sys.stderr.isatty() else None
+    runner.on_update = live.update if live else None
+    try:
+        report = asyncio.run(_interruptible(runner))
+    except SenderSocketError as exc:
+        print(f"fleetcast send: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if live is not None:
+        live.close()
+    _print_report(report)
+    return exit_code(report)
+
+
+def _prepare(args: argparse.Namespace) -> SessionRunner:
+    """Check the arguments, read the key and the image; raises _Refused."""
     if not 1 <= args.port <= 65535 or args.min_receivers < 1:
-        print("fleetcast send: --port must be 1..65535 and --min-receivers >= 1", file=sys.stderr)
-        return EXIT_USAGE
+        raise _Refused("--port must be 1..65535 and --min-receivers >= 1", EXIT_USAGE)
+    if not MIN_PAYLOAD_SIZE <= args.payload_size <= MAX_PAYLOAD_SIZE:
+        raise _Refused(
+            f"--payload-size must be {MIN_PAYLOAD_SIZE}..{MAX_PAYLOAD_SIZE} "
+            "(1472 for a 1500-byte MTU)",
+            EXIT_USAGE,
+        )
     try:
         key = parse_key(Path(args.key_file).read_text())
     except (OSError, KeyFormatError) as exc:
-        print(f"fleetcast send: cannot use key file {args.key_file}: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        raise _Refused(f"cannot use key file {args.key_file}: {exc}", EXIT_ERROR) from None
     from server.images.store import ImageStore, StoreError
 
     store = ImageStore(_image_root(args.data_dir))
     try:
         manifest_bytes, manifest = store.load_manifest(args.image)
     except StoreError as exc:
-        print(f"fleetcast send: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+        raise _Refused(str(exc), EXIT_ERROR) from None
     options = SendOptions(
         group=args.group,
         port=args.port,
@@ -123,23 +163,12 @@ def send_main(argv: Sequence[str]) -> int:
         auto_rate=args.rate is None,
         ttl=args.ttl,
         gso=not args.no_gso,
+        payload_size=args.payload_size,
     )
-    live = LiveLines(sys.stderr) if sys.stderr.isatty() else None
-    runner = SessionRunner(
-        args.image,
-        manifest_bytes,
-        manifest,
-        store.read_block,
-        options,
-        on_update=live.update if live else None,
-    )
-    try:
-        report = asyncio.run(_interruptible(runner))
-    except SenderSocketError as exc:
-        print(f"fleetcast send: {exc}", file=sys.stderr)
-        return EXIT_ERROR
-    if live is not None:
-        live.close()
+    return SessionRunner(args.image, manifest_bytes, manifest, store.read_block, options)
+
+
+def _print_report(report: SendReport) -> None:
     print(summary_line(report), file=sys.stderr)
     if "error" in report.summary:
         print(f"fleetcast send: {report.summary['error']}", file=sys.stderr)
@@ -150,7 +179,6 @@ def send_main(argv: Sequence[str]) -> int:
                 f"{rec.reason or 'did not finish'}",
                 file=sys.stderr,
             )
-    return exit_code(report)
 
 
 async def _interruptible(runner: SessionRunner) -> SendReport:

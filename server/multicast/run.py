@@ -46,6 +46,7 @@ class SendOptions:
     ttl: int = 1
     session_id: int = field(default_factory=lambda: secrets.randbelow(0xFFFFFFFF) + 1)
     gso: bool = True
+    payload_size: int = 1472  #: UDP payload per datagram: 1472 for MTU 1500, 8972 for 9000
 
 
 @dataclass
@@ -99,11 +100,15 @@ class SessionRunner:
         on_update: Callable[[SendReport], None] | None = None,
     ) -> None:
         self.options = options
-        self.config = config or EngineConfig(rate_bps=options.rate_bps, auto_rate=options.auto_rate)
+        self.config = config or EngineConfig(
+            payload_size=options.payload_size,
+            rate_bps=options.rate_bps,
+            auto_rate=options.auto_rate,
+        )
         self.report = SendReport(image=name, manifest=manifest)
         self._manifest_bytes = manifest_bytes
         self.read_ahead = ReadAhead(manifest, read_payload)
-        self._on_update = on_update
+        self.on_update = on_update
         self.transport: SenderTransport | None = None
 
     async def run(self) -> SendReport:
@@ -158,8 +163,8 @@ class SessionRunner:
         handler = _HANDLERS.get(type(event))
         if handler is not None:
             handler(self, event)
-        if self._on_update is not None:
-            self._on_update(self.report)
+        if self.on_update is not None:
+            self.on_update(self.report)
 
     def _record(self, event: Any) -> ReceiverRecord:
         rid = int(event.receiver_id)

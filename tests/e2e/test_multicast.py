@@ -288,3 +288,17 @@ def test_a_used_block_device_ends_identical_to_the_image(
         assert fleet.stats(node)["target"]["zero_method"] in ("blkzeroout", "write")
     finally:
         subprocess.run(["losetup", "-d", dev], check=False)
+
+
+def test_a_smaller_payload_size_is_followed_by_receivers(
+    make_fleet: Callable[..., Fleet], small_image: BuiltImage, tmp_path: Path
+) -> None:
+    fleet = make_fleet(small_image, 1)
+    node = fleet.lab.receivers[0]
+    receiver = fleet.receive(node, tmp_path / "r0.img")
+    sender = fleet.send("--payload-size", "1000", "--max-wait", "20")
+    assert fleet.wait(receiver, node.name, 40) == RECEIVE_OK, fleet.log(node.name)
+    assert fleet.wait(sender, "sender", 40) == SEND_OK, fleet.log("sender")
+    assert file_sha256(tmp_path / "r0.img") == small_image.sha256
+    stats = fleet.stats(node)["socket"]
+    assert stats["bytes_in"] / stats["datagrams_in"] <= 1000

@@ -84,3 +84,11 @@ def test_a_missing_image_or_key_fails_before_sending(
     argv = ["nope", *common, "--key-file", str(tmp_path / "missing")]
     assert send_main(argv) == EXIT_ERROR
     assert "cannot use key file" in capsys.readouterr().err
+
+
+def test_a_payload_size_outside_the_limits_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    argv = ["img", "--group", "239.1.1.1", "--port", "5000", "--iface", "lo", "--key-file", "k"]
+    assert send_main([*argv, "--payload-size", "100"]) == EXIT_USAGE
+    assert "--payload-size must be" in capsys.readouterr().err
