@@ -33,7 +33,7 @@ class BuiltImage:
     name: str
     disk: Path
     manifest: Manifest
-    sha256: bytes  #: SHA-256 of the raw disk: what every receiver's target must hash to
+    sha256: bytes  #: what a fresh target must hash to (unused blocks read as zeros)
 
 
 def build_image(data_dir: Path, name: str, disk: Path) -> BuiltImage:
