@@ -142,7 +142,7 @@ class EngineConfig:
     max_receivers: int = 1024
     """Sender: refuse JOINs beyond this many receivers."""
 
-    linger: float = 2.0
+    linger: float = 1.0
     """Sender: after the end, keep answering DONE / LEAVE this long (§3.3)."""
 
     abort_repeats: int = 5

@@ -430,7 +430,10 @@ class ReceiverSession:
             ReceiverState.RECEIVING,
             ReceiverState.VERIFIED,
         ):
-            self._abort("the sender ended the session before this receiver completed")
+            if msg.flags & wire.ANNOUNCE_ABORTED:
+                self._abort("the sender aborted the session (its reason was lost on the way)")
+            else:
+                self._abort("the sender ended the session before this receiver completed")
 
     def _on_join_ack(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
         assert isinstance(msg, wire.JoinAck) and self._announce is not None

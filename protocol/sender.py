@@ -275,14 +275,16 @@ class SenderSession:
             self._update_rate(now)
 
     def _check_start(self, now: float) -> None:
-        ok = (MemberState.ACTIVE, MemberState.COMPLETED)
-        joined = sum(1 for m in self._members.values() if m.state in ok)
+        # Every receiver that joined counts, even one that failed or died since: the others
+        # must not wait forever for a machine that showed up and broke (§3.2).
+        joined = len(self._members)
         waited = self._max_wait is not None and now - self._started_at >= self._max_wait
         if joined >= self._min_receivers or (waited and joined > 0):
             self._transfer_started_at = now
             self._set_state(SenderState.TRANSFERRING)
             self._next_announce = now
-            self._events.append(TransferStarted(joined))
+            self._events.append(TransferStarted(sum(1 for m in self._members.values() if m.active)))
+            self._check_end(now)
         elif waited:
             self._end(now, "no-receivers")
 
@@ -581,7 +583,7 @@ class SenderSession:
                 block_size=m.block_size,
                 payload_size=self._config.payload_size,
                 state=_ANNOUNCE_STATE[self._state],
-                flags=0,
+                flags=wire.ANNOUNCE_ABORTED if self._outcome == "aborted" else 0,
                 rate_bps=rate,
                 data_bytes=m.stored_bytes,
             )

@@ -66,6 +66,7 @@ BITMAP_HEAD = struct.Struct("!HH")
 
 DATA_OVERHEAD = DATA_HEADER.size + TAG_SIZE
 FLAG_REPAIR = 0x01
+ANNOUNCE_ABORTED = 0x01  #: ANNOUNCE flags: the session was aborted (state ENDING)
 JOIN_NEED_MANIFEST = 0x01
 
 

@@ -155,7 +155,8 @@ class SimNet:
             max_wait=max_wait,
         )
         self.sender_events: list[Any] = []
-        self.receivers: dict[str, SimReceiver] = {}
+        self.receivers: dict[str, SimReceiver] = {}  # those that have started
+        self._all: dict[str, SimReceiver] = {}
         self.reads = 0
         self.sent_to_group = 0
         self._queue_free: dict[str, float] = {}
@@ -176,6 +177,7 @@ class SimNet:
             key=kw.pop("key", KEY), config=cfg, now=at, rng=random.Random(self.rng.random())
         )
         r = SimReceiver(name, addr, session, **kw)
+        self._all[name] = r
         if link is not None:
             self.links_down[name] = link
         if at <= self.now:
@@ -190,7 +192,7 @@ class SimNet:
 
     def kill(self, name: str, t: float) -> None:
         def die() -> None:
-            self.receivers[name].dead_at = t
+            self._all[name].dead_at = t
 
         self.at(t, die)
 
@@ -384,4 +386,6 @@ class SimNet:
                 return f"evicted: {ev.reason}"
             if isinstance(ev, SessionAborted):
                 return f"aborted: {ev.reason}"
+        if r.session.outcome == "failed":
+            return f"failed: {r.session.fail_reason}"
         return "unfinished"
