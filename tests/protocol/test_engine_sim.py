@@ -426,3 +426,13 @@ def test_memory_bounds_drop_work_but_never_correctness() -> None:
     stats = [r.session.stats for r in rs]
     assert sum(s["partials_dropped"] for s in stats) > 0
     assert sum(s.get("backlog_drops", 0) for s in stats) > 0
+
+
+def test_a_receiver_that_joined_and_failed_still_counts_toward_min_receivers() -> None:
+    net = SimNet(26, make_image(random.Random(26), blocks=4), min_receivers=3)
+    rs = [net.add_receiver(f"r{i}") for i in range(3)]
+    net.at(0.05, lambda: rs[2].session.fail(net.now, "target too small"))
+    net.run(limit=30)
+    assert net.sender.finished
+    assert [net.outcome(r) for r in rs[:2]] == ["completed", "completed"]
+    assert _ended(net).outcome == "partial"
