@@ -430,9 +430,10 @@ def test_memory_bounds_drop_work_but_never_correctness() -> None:
 
 def test_a_receiver_that_joined_and_failed_still_counts_toward_min_receivers() -> None:
     net = SimNet(26, make_image(random.Random(26), blocks=4), min_receivers=3)
-    rs = [net.add_receiver(f"r{i}") for i in range(3)]
-    net.at(0.05, lambda: rs[2].session.fail(net.now, "target too small"))
+    rs = [net.add_receiver("r0"), net.add_receiver("r1", at=0.3), net.add_receiver("r2")]
+    net.at(0.05, lambda: rs[2].session.fail(net.now, "target too small"))  # before the start
     net.run(limit=30)
+    assert _sender_events(net, ev.TransferStarted) == [ev.TransferStarted(2)]
     assert net.sender.finished
     assert [net.outcome(r) for r in rs[:2]] == ["completed", "completed"]
     assert _ended(net).outcome == "partial"
