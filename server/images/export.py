@@ -94,6 +94,11 @@ def _blocks(
 
 def verify_image(store: ImageStore, name: str, progress: bool | None = None) -> VerifyReport:
     """Re-hash every block of image ``name`` and the whole image; report what is wrong."""
+    with store.reading(name, "fleetcast image verify"):  # a delete now is not corruption
+        return _verify(store, name, progress)
+
+
+def _verify(store: ImageStore, name: str, progress: bool | None) -> VerifyReport:
     _, m = store.load_manifest(name)
     image_hash, problems = hashlib.sha256(), []
     zeros = memoryview(bytes(m.block_size))
@@ -133,11 +138,11 @@ def export_image(
     is known to be zero already), unused blocks not written at all. Refuses an existing
     non-empty target unless ``overwrite``. Raises ExportError.
     """
-    _, m = store.load_manifest(name)
-    with _open_target(out, m.image_size, overwrite) as (fd, fresh_from):
-        return _write(
-            store, m, fd, fresh_from, Progress(f"export {name}", m.image_size, enabled=progress)
-        )
+    with store.reading(name, "fleetcast image export"):  # delete waits for us
+        _, m = store.load_manifest(name)
+        with _open_target(out, m.image_size, overwrite) as (fd, fresh_from):
+            bar = Progress(f"export {name}", m.image_size, enabled=progress)
+            return _write(store, m, fd, fresh_from, bar)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,8 @@ Layout under the store's root (``Settings().image_root``)::
     blocks/ab/ab12...ef   one payload per unique block, named by the raw content's SHA-256
     manifests/NAME.json   canonical manifest bytes; "/" in a name is stored as "%2F"
     tmp/                  temp files "<pid>-<random>.tmp" and capture markers "<pid>-<random>.run"
+    readers/NAME.lock     per-image flock: readers (send, export) share it, delete takes it alone
+    readers/NAME@<pid>-<random>.holder   who holds a reader lease (text), for delete's message
     lock                  flock: writers (capture/import) share it, delete/gc take it alone
 
 Every file is written to ``tmp/``, fsynced and renamed into place, and a manifest is added
@@ -12,7 +14,9 @@ last, only after every block it names is durable; so a killed capture leaves at 
 unreferenced blocks and temp files, never an image that lists. Those leftovers belong to
 a dead process (by the pid in their name) and the next writer or ``gc`` removes them.
 
-``read_block`` is a plain open/read: the sender calls it on its event loop thread.
+``read_block`` is a plain open/read: the sender calls it on its event loop thread. A
+reader that must not lose the image half way (``fleetcast send``, export) holds
+``store.reading(name)``: delete then refuses, naming the holder.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -60,6 +65,10 @@ class InvalidImageName(StoreError, ValueError):
 
 class StoreBusy(StoreError):
     """Another process holds the store's lock."""
+
+
+class ImageInUse(StoreBusy):
+    """A reader (a running send or export) holds the image: it cannot be deleted now."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,7 @@ class ImageStore:
         self.blocks_dir = self.root / "blocks"
         self.manifests_dir = self.root / "manifests"
         self.tmp_dir = self.root / "tmp"
+        self.readers_dir = self.root / "readers"
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
 
@@ -266,20 +276,122 @@ class ImageStore:
         return manifest.digest()
 
     def delete_image(self, name: str) -> SweepResult:
-        """Remove image ``name`` and every block no other image references."""
+        """Remove image ``name`` and every block no other image references.
+
+        Raises ImageNotFound, ImageInUse while a reader holds ``reading(name)``, StoreBusy
+        while a capture runs.
+        """
         path = self.manifest_path(name)
         with self._exclusive():
             if not path.exists():
                 raise ImageNotFound(f"no image named {name!r} in {self.root}")
-            referenced = self._referenced(exclude=name)  # fails before deleting anything
-            path.unlink()
-            _fsync_dir(self.manifests_dir)
-            return self._sweep(referenced)
+            with self._no_readers(name):
+                referenced = self._referenced(exclude=name)  # fails before deleting anything
+                path.unlink()
+                _fsync_dir(self.manifests_dir)
+                return self._sweep(referenced)
 
     def gc(self) -> SweepResult:
-        """Remove blocks no image references and every temp file (mark and sweep)."""
+        """Remove blocks no image references, dead temp files and dead readers' leases.
+
+        A block of an image being read is referenced by its manifest, which ``delete``
+        keeps while the lease is held, so gc never takes a block from under a reader.
+        """
         with self._exclusive():
+            self._remove_dead_holders()
             return self._sweep(self._referenced())
+
+    # -- reader leases ----------------------------------------------------------------
+
+    def _reader_lock_path(self, name: str) -> Path:
+        return self.readers_dir / (quote(check_name(name), safe="") + ".lock")
+
+    @contextlib.contextmanager
+    def reading(self, name: str, holder: str = "") -> Iterator[None]:
+        """Hold a reader lease on image ``name``: ``delete_image`` refuses until it ends.
+
+        ``holder`` says who reads (e.g. "fleetcast send"), for delete's message. Waits at
+        most LOCK_WAIT_SECONDS for a delete in progress; raises ImageNotFound if the image
+        is gone (then or after that delete), StoreBusy if the wait runs out. Leases of a
+        process that died are released by the kernel (flock) and their files swept by gc.
+        """
+        lock_path = self._reader_lock_path(name)
+        self.readers_dir.mkdir(parents=True, exist_ok=True)
+        note = self.readers_dir / f"{lock_path.stem}@{os.getpid()}-{secrets.token_hex(6)}.holder"
+        note.write_text(f"pid {os.getpid()} ({holder or 'a reader'})")
+        fd = -1
+        try:
+            fd = self._lock_shared_current(lock_path)
+            if not self.exists(name):
+                raise ImageNotFound(f"no image named {name!r} in {self.root}")
+            yield
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                note.unlink()
+
+    def _lock_shared_current(self, lock_path: Path) -> int:
+        """A shared flock on ``lock_path`` as it is now (delete replaces the file)."""
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                        return fd
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise StoreBusy(
+                        f"image lease {lock_path} is held by a delete that did not finish; "
+                        "try again"
+                    ) from None
+                time.sleep(0.1)
+            os.close(fd)
+
+    def readers(self, name: str) -> list[str]:
+        """Who holds a reader lease on ``name`` ("pid 123 (fleetcast send)"), live ones."""
+        prefix = self._reader_lock_path(name).stem + "@"
+        found = []
+        if self.readers_dir.is_dir():
+            for f in sorted(self.readers_dir.glob(glob_escape(prefix) + "*.holder")):
+                pid = f.name[len(prefix) :].split("-", 1)[0]
+                if pid.isdigit() and _pid_alive(int(pid)):
+                    with contextlib.suppress(OSError):
+                        found.append(f.read_text().strip())
+        return found
+
+    @contextlib.contextmanager
+    def _no_readers(self, name: str) -> Iterator[None]:
+        """Exclude readers of ``name`` for the block; ImageInUse naming them if any."""
+        lock_path = self._reader_lock_path(name)
+        self.readers_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = ", ".join(self.readers(name)) or "another process"
+                raise ImageInUse(
+                    f"image {name!r} is being read by {who}: "
+                    "delete it when that has finished (or stop it)"
+                ) from None
+            yield
+            with contextlib.suppress(FileNotFoundError):
+                lock_path.unlink()  # waiting readers see the new inode and find no image
+        finally:
+            os.close(fd)
+
+    def _remove_dead_holders(self) -> None:
+        if not self.readers_dir.is_dir():
+            return
+        for f in self.readers_dir.glob("*.holder"):
+            pid = f.name.rsplit("@", 1)[-1].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
 
     def discard_blocks(self, digests: set[bytes]) -> bool:
         """Remove these blocks if no image references them and the store is not in use.

@@ -120,9 +120,12 @@ def send_main(argv: Sequence[str]) -> int:
         return exc.code
     live = LiveLines(sys.stderr) if sys.stderr.isatty() else None
     runner.on_update = live.update if live else None
-    try:
-        report = asyncio.run(_interruptible(runner))
-    except SenderSocketError as exc:
+    from server.images.store import ImageStore, StoreError
+
+    try:  # a reader lease: 'fleetcast image delete' refuses while the send reads the store
+        with ImageStore(_image_root(args.data_dir)).reading(args.image, "fleetcast send"):
+            report = asyncio.run(_interruptible(runner))
+    except (SenderSocketError, StoreError) as exc:
         print(f"fleetcast send: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if live is not None:
