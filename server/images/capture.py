@@ -67,6 +67,7 @@ class CaptureOptions:
     threads: int = 0  #: 0: one per CPU plus two (to overlap each block file's fsync)
     progress: bool | None = None  #: None: only when stderr is a terminal
     source_info: dict[str, Any] = field(default_factory=dict)  #: merged into manifest.source
+    label: str = ""  #: what the progress bar calls the source (default: its file name)
 
 
 @dataclass(frozen=True)
@@ -198,7 +199,8 @@ class _Pipeline:
         self.level = opts.level
         self.threads = opts.threads or (os.cpu_count() or 2) + 2
         self.slots = threading.BoundedSemaphore(2 * self.threads + 2)
-        self.progress = Progress(f"capture {src.path.name}", src.size, enabled=opts.progress)
+        label = opts.label or src.path.name
+        self.progress = Progress(f"capture {label}", src.size, enabled=opts.progress)
         self.new_digests: set[bytes] = set()
         self.new_bytes = 0
         self.errors: list[BaseException] = []

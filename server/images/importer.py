@@ -104,6 +104,7 @@ def import_image(
         "format": fmt,
         "file_size": path.stat().st_size,
     }
+    opts.label = opts.label or path.name
     if fmt == "raw":
         return capture_image(store, name, path, opts, warn=say)
     missing = fuse_unavailable()
