@@ -45,6 +45,8 @@ SIOCGIFADDR = 0x8915
 HTTP_TIMEOUT = 15.0
 #: Transient HTTP failures are retried this many times, with growing pauses.
 RETRIES = 5
+#: How often the agent looks whether the transfer has started, to report it at once.
+FIRST_REPORT_POLL = 0.05
 
 
 class AgentError(Exception):
@@ -304,11 +306,18 @@ class Agent:
     ) -> Outcome:
         task = asyncio.get_running_loop().create_task(receiver.run(self.options.timeout))
         stop_reason = ""
+        reported = False
         try:
             while not task.done():
-                await asyncio.wait({task}, timeout=self.progress_interval)
+                # The first report goes out as soon as the transfer starts (the server then
+                # shows the machine receiving), later ones every progress_interval.
+                wait = self.progress_interval if reported else FIRST_REPORT_POLL
+                await asyncio.wait({task}, timeout=wait)
                 if task.done():
                     break
+                if not reported and not reporter.total:
+                    continue
+                reported = True
                 reply = await asyncio.to_thread(self._progress, session_id, receiver, reporter)
                 if reply.get("cancel"):
                     stop_reason = str(reply.get("reason") or "the server cancelled the session")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import getpass
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -21,6 +24,12 @@ def server_main(argv: Sequence[str]) -> int:
     )
     p.add_argument("--host", help="address to listen on (default $FLEETCAST_HOST or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default $FLEETCAST_PORT or 8080)")
+    p.add_argument(
+        "--uds",
+        metavar="PATH",
+        help="also listen on this Unix socket (mode 0600): local administration that works "
+        "whatever network namespace the TCP listener is in",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     try:
         args = p.parse_args(list(argv))
@@ -34,14 +43,45 @@ def server_main(argv: Sequence[str]) -> int:
     from server.main import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=args.host or settings.host,
-        port=args.port or settings.port,
-        log_level=args.log_level,
-        timeout_graceful_shutdown=20,
+    config = uvicorn.Config(
+        create_app(settings), log_level=args.log_level, timeout_graceful_shutdown=20
     )
+    try:
+        sockets = _listen(args.host or settings.host, args.port or settings.port, args.uds)
+    except OSError as exc:
+        print(f"fleetcast server: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    try:
+        asyncio.run(uvicorn.Server(config).serve(sockets=sockets))
+    finally:
+        for sock in sockets:
+            sock.close()
+        if args.uds:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.uds)
     return 0
+
+
+def _listen(host: str, port: int, uds: str | None) -> list[socket.socket]:
+    """The TCP listener, and the Unix socket listener when ``uds`` is given."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind((host, port))
+    tcp.listen(2048)
+    out = [tcp]
+    if uds:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(uds)
+        unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            unix.bind(uds)
+        finally:
+            os.umask(old)
+        unix.listen(128)
+        out.append(unix)
+    return out
 
 
 def admin_main(argv: Sequence[str]) -> int:

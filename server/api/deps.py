@@ -91,7 +91,9 @@ def get_metrics(request: Request) -> Metrics:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-DbDep = Annotated[DbSession, Depends(get_db)]
+# scope="function": commit before the response is sent, so a client never acts on an
+# answer (a new credential, a new session) that is not in the database yet.
+DbDep = Annotated[DbSession, Depends(get_db, scope="function")]
 StoreDep = Annotated[ImageStore, Depends(get_store)]
 BusDep = Annotated[EventBus, Depends(get_bus)]
 ManagerDep = Annotated[SessionManager, Depends(get_manager)]

@@ -370,6 +370,7 @@ def result(db: DbSession, bus: EventBus | None, machine_id: int, res: AgentResul
     if state == "succeeded":
         row.bytes_done = res.bytes_done
         row.blocks_done = res.blocks_done
+    row.started_at = row.started_at or row.assigned_at or utcnow()
     actor = f"machine:{machine_id}"
     _set_machine_state(db, bus, row, state, reason, actor, stats=res.stats)
     m = db.get(Machine, machine_id)

@@ -1,0 +1,102 @@
+"""The server deploys an image to 4 agents (the real client, writing to files) in a lab.
+
+Through the API only: agents enroll, a session is created for them, the server's sender
+multicasts, agents report progress and results; every machine ends ``succeeded``, the audit
+log tells the story, and every target file is byte-identical to the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleethelp import BuiltImage, file_sha256
+from serverlab import ServerLab
+
+from bench.lab import Lab
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+AGENTS = 4
+
+
+@pytest.fixture
+def server_lab(
+    make_lab: Callable[..., Lab], small_image: BuiltImage, tmp_path: Path
+) -> Iterator[ServerLab]:
+    sl = ServerLab(make_lab(AGENTS), small_image.data_dir, tmp_path)
+    try:
+        yield sl
+    finally:
+        sl.close()
+
+
+def _machines(sl: ServerLab) -> list[dict[str, Any]]:
+    assert sl.api is not None
+    r = sl.api.get("/api/machines")
+    assert r.status_code == 200, r.text
+    machines: list[dict[str, Any]] = r.json()
+    return machines
+
+
+def test_a_session_created_through_the_api_deploys_to_four_agents(
+    server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
+) -> None:
+    sl = server_lab
+    api = sl.start()
+    targets = [tmp_path / f"disk-{n.name}.img" for n in sl.lab.receivers]
+    agents = [sl.agent(n, t) for n, t in zip(sl.lab.receivers, targets, strict=True)]
+    machines = sl.wait_for(
+        "4 agents to enroll", lambda: len(_machines(sl)) == AGENTS and _machines(sl), 60
+    )
+    assert {m["address"] for m in machines} == {n.address for n in sl.lab.receivers}
+    assert all(m["inventory"]["nics"] for m in machines)
+
+    r = api.post(
+        "/api/sessions",
+        json={
+            "image": small_image.name,
+            "machine_ids": [m["id"] for m in machines],
+            "start_policy": {"max_wait": 60},
+        },
+    )
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert r.json()["state"] == "running"
+
+    def ended() -> dict[str, Any] | None:
+        d: dict[str, Any] = api.get(f"/api/sessions/{sid}").json()
+        return d if d["state"] not in ("pending", "running") else None
+
+    detail = sl.wait_for("the session to end", ended, 120)
+    for node, proc in zip(sl.lab.receivers, agents, strict=True):
+        assert sl.lab.wait(proc, 30) == 0, sl.log(node.name)
+    assert detail["state"] == "succeeded", detail
+    data_bytes = small_image.manifest.data_bytes()
+    for m in detail["machines"]:
+        assert m["state"] == "succeeded", m
+        assert m["bytes_done"] == data_bytes and m["reason"] == ""
+        assert m["started_at"] and m["ended_at"]
+    for target in targets:
+        assert file_sha256(target) == small_image.sha256
+
+    events = api.get("/api/events", params={"session_id": sid, "limit": 1000}).json()[::-1]
+    kinds = [e["kind"] for e in events]
+    assert kinds[:2] == ["session.created", "session.running"]
+    assert kinds[-1] == "session.succeeded"
+    for m in machines:
+        mine = [e["kind"] for e in events if e["machine_id"] == m["id"]]
+        assert mine == ["machine.assigned", "machine.receiving", "machine.succeeded"], mine
+        assert [e["actor"] for e in events if e["machine_id"] == m["id"]] == [
+            f"machine:{m['id']}"
+        ] * 3
+    after = {m["id"]: m for m in _machines(sl)}
+    assert all(
+        m["last_outcome"] == "succeeded" and m["last_image_id"] == detail["image_id"]
+        for m in after.values()
+    )
+    metrics = api.get("/metrics").text
+    assert 'fleetcast_sessions{state="succeeded"} 1.0' in metrics
+    sent = [ln for ln in metrics.splitlines() if ln.startswith("fleetcast_sent_bytes_total")]
+    assert sent and float(sent[0].split()[1]) >= small_image.manifest.stored_bytes
