@@ -6,6 +6,8 @@ deleted), reads it once so every contender starts from the page cache, then time
 - ``fleetcast image capture`` (used blocks only, the default; and ``--all-blocks``; levels 3 and 1)
 - ``zstd -T0 -3`` of the whole raw file
 - ``partclone.ext4 -c`` of the partition piped to ``zstd -T0 -3`` (needs root for a loop device)
+- ``fleetcast image import`` of the same disk as qcow2: streamed through a FUSE raw view
+  (the default), and through a temporary raw file (the no-FUSE fallback, forced)
 
 and a block-size study (256 KiB .. 4 MiB): capture speed, stored/raw ratio, and dedupe: how
 many new bytes a second image of the same disk with a few files changed adds to the store.
@@ -67,6 +69,37 @@ def fleetcast_capture(disk: Path, data: Path, name: str, args: str) -> tuple[flo
     secs, rss = timed(f"{py} -m fleetcast image capture {disk} --name {name} {args} >/dev/null",
                       env)  # fmt: skip
     return secs, rss, store_bytes(data) - before
+
+
+#: Runs the CLI with the streamed import switched off, as on a machine without /dev/fuse.
+_NO_FUSE = (
+    "import sys; from server.images import importer; "
+    "importer.fuse_unavailable = lambda: 'bench: forced'; "
+    "from fleetcast.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def import_runs(disk: Path, work: Path) -> list[Run]:
+    """Import the disk as qcow2, streamed and through a temp raw file (zstd 3, used blocks)."""
+    if shutil.which("qemu-img") is None:
+        return []
+    qcow = work / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(disk), str(qcow)], check=True)
+    timed(f"cat {qcow} > /dev/null")
+    runs = []
+    py = sys.executable
+    for label, cli in [
+        ("fleetcast import qcow2 (streamed, FUSE view)", f"{py} -m fleetcast"),
+        ("fleetcast import qcow2 (temp raw file)", f'{py} -c "{_NO_FUSE}"'),
+    ]:
+        data = work / "store-import"
+        env = {**os.environ, "FLEETCAST_DATA": str(data)}
+        secs, rss = timed(f"{cli} image import {qcow} --name bench --level 3 "
+                          ">/dev/null 2>&1", env)  # fmt: skip
+        runs.append(Run(label, secs, store_bytes(data), rss))
+        shutil.rmtree(data)
+    qcow.unlink()
+    return runs
 
 
 def partclone_run(disk: Path, part_size: int, work: Path) -> Run | None:
@@ -155,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         pc = partclone_run(disk, part_size, work)
         if pc:
             runs.append(pc)
+        runs += import_runs(disk, work)
         rows = [["method", "seconds", "MB/s (raw)", "stored MiB", "stored/raw", "peak RSS MiB"]]
         for r in runs:
             rows.append([r.label, f"{r.seconds:.2f}", f"{size / r.seconds / 1e6:.0f}",

@@ -182,6 +182,8 @@ def raw_view(path: Path, fmt: str, where: Path) -> Iterator[Path]:
 def _is_mounted(view: Path) -> bool:
     try:
         return os.stat(view).st_dev != os.stat(view.parent).st_dev
+    except FileNotFoundError:
+        return False
     except OSError:
         return True  # a dead FUSE mount fails stat with ENOTCONN
 
@@ -221,7 +223,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def _release(view: Path) -> None:
     """Unmount the view if a dead daemon left it mounted, then remove the file."""
-    if _is_mounted(view) and view.exists():
+    if _is_mounted(view):
         subprocess.run(["umount", "-l", str(view)], capture_output=True, timeout=STOP_WAIT)
     try:
         view.unlink()
