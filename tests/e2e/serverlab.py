@@ -75,7 +75,12 @@ class ServerLab:
         return out.stdout.strip()
 
     def start(self) -> httpx.Client:
-        token = self.admin_token()
+        """Start (or restart) the server; returns an API client logged in as admin."""
+        if self.api is not None:
+            token = self.api.headers["Authorization"].removeprefix("Bearer ")
+            self.api.close()
+        else:
+            token = self.admin_token()
         sock = self.work / "api.sock"
         self._spawn(
             self.lab.sender,

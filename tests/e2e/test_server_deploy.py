@@ -100,3 +100,79 @@ def test_a_session_created_through_the_api_deploys_to_four_agents(
     assert 'fleetcast_sessions{state="succeeded"} 1.0' in metrics
     sent = [ln for ln in metrics.splitlines() if ln.startswith("fleetcast_sent_bytes_total")]
     assert sent and float(sent[0].split()[1]) >= small_image.manifest.stored_bytes
+
+
+def _start_slow_session(sl: ServerLab, image: BuiltImage, machines: list[dict[str, Any]]) -> int:
+    """A session throttled to 2 Mbit/s, so it is still running when the test acts."""
+    assert sl.api is not None
+    r = sl.api.post(
+        "/api/sessions",
+        json={
+            "image": image.name,
+            "machine_ids": [m["id"] for m in machines],
+            "start_policy": {"max_wait": 60},
+            "rate_bps": 2_000_000,
+        },
+    )
+    assert r.status_code == 201, r.text
+    sid: int = r.json()["id"]
+
+    def receiving() -> bool:
+        d = sl.api.get(f"/api/sessions/{sid}").json() if sl.api else {}
+        return all(m["state"] == "receiving" and m["bytes_done"] > 0 for m in d["machines"])
+
+    sl.wait_for("every machine to be receiving", receiving, 60)
+    return sid
+
+
+def test_cancel_stops_the_sender_and_the_agents(
+    server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
+) -> None:
+    sl = server_lab
+    api = sl.start()
+    agents = [sl.agent(n, tmp_path / f"{n.name}.img") for n in sl.lab.receivers[:2]]
+    machines = sl.wait_for("2 agents", lambda: len(_machines(sl)) == 2 and _machines(sl), 60)
+    sid = _start_slow_session(sl, small_image, machines)
+    r = api.post(f"/api/sessions/{sid}/cancel")
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    for node, proc in zip(sl.lab.receivers[:2], agents, strict=True):
+        assert sl.lab.wait(proc, 30) == 1, sl.log(node.name)  # told, stopped, reported
+        assert "aborted" in sl.log(node.name)
+    d = api.get(f"/api/sessions/{sid}").json()
+    assert d["state"] == "cancelled" and d["reason"] == "cancelled by user:admin"
+    assert {m["state"] for m in d["machines"]} == {"cancelled"}
+    sl.wait_for(
+        "the sender's counters to be saved",
+        lambda: api.get(f"/api/sessions/{sid}").json()["stats"].get("outcome") == "aborted",
+        20,
+    )
+    assert 'fleetcast_sessions{state="running"} 0.0' in api.get("/metrics").text
+
+
+def test_after_kill_9_the_session_ends_failed_and_a_rerun_completes(
+    server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
+) -> None:
+    sl = server_lab
+    api = sl.start()
+    targets = [tmp_path / f"{n.name}.img" for n in sl.lab.receivers[:2]]
+    for node, target in zip(sl.lab.receivers[:2], targets, strict=True):
+        sl.agent(node, target, "--loop")
+    machines = sl.wait_for("2 agents", lambda: len(_machines(sl)) == 2 and _machines(sl), 60)
+    sid = _start_slow_session(sl, small_image, machines)
+    sl.lab.kill(sl.procs["server"])  # SIGKILL: no shutdown code runs
+    api = sl.start()
+    d = api.get(f"/api/sessions/{sid}").json()
+    assert d["state"] == "failed" and "server stopped while this session was running" in d["reason"]
+    assert {m["state"] for m in d["machines"]} == {"failed"}
+    r = api.post(f"/api/sessions/{sid}/rerun")
+    assert r.status_code == 201, r.text
+    rerun = r.json()["id"]
+
+    def ended() -> dict[str, Any] | None:
+        d: dict[str, Any] = api.get(f"/api/sessions/{rerun}").json()
+        return d if d["state"] not in ("pending", "running") else None
+
+    done = sl.wait_for("the re-run to end", ended, 120)
+    assert done["state"] == "succeeded", done
+    for target in targets:
+        assert file_sha256(target) == small_image.sha256
