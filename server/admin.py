@@ -12,7 +12,10 @@ import socket
 import sys
 from collections.abc import Sequence
 
+from sqlmodel import Session as DbSession
+
 from server.config import Settings
+from server.models import User
 
 
 def server_main(argv: Sequence[str]) -> int:
@@ -130,13 +133,12 @@ def admin_main(argv: Sequence[str]) -> int:
         engine.dispose()
 
 
-def _user(db: object, username: str) -> object:
+def _user(db: DbSession, username: str) -> User:
     from sqlmodel import select
 
-    from server.models import User
     from server.services.errors import NotFound
 
-    user = db.exec(select(User).where(User.username == username)).first()  # type: ignore[attr-defined]
+    user = db.exec(select(User).where(User.username == username)).first()
     if user is None:
         raise NotFound(f"no user named {username!r}: create it with 'fleetcast admin create-user'")
     return user

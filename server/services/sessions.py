@@ -35,6 +35,7 @@ from server.models import (
     SessionMachine,
     SessionMachinePublic,
     SessionPublic,
+    StartPolicy,
     utcnow,
 )
 from server.services.audit import record
@@ -214,7 +215,7 @@ def rerun_failed(
     image = db.get(Image, s.image_id)
     if image is None or image.source.get("deleted"):
         raise Conflict(f"the image of session {s.id} was deleted")
-    policy = {**s.start_policy, "start": "now"}
+    policy = StartPolicy.model_validate({**s.start_policy, "start": "now"})
     req = SessionCreate(
         image=image.name, machine_ids=failed, start_policy=policy, rate_bps=s.rate_bps
     )
