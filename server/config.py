@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -46,10 +47,41 @@ class Settings(BaseSettings):
     #: Apply pending schema migrations when the server starts.
     migrate_on_start: bool = True
 
+    # -- network boot (issue 7, docs/PXE.md) ---------------------------------------------
+    #: Serve ``GET /boot/ipxe`` and ``/boot/files/*`` (public: iPXE sends no token, and the
+    #: script of a machine due for a deployment carries the enrollment token). Off unless
+    #: the site network-boots its machines.
+    boot_enabled: bool = False
+    #: Directory holding the client boot image (``vmlinuz``, ``initrd.img``); empty:
+    #: ``data_dir / "boot"``.
+    boot_dir: str = Field(default="")
+    #: URL the booting machines reach this server at (goes into the scripts and on the
+    #: client's kernel command line); empty: the URL the iPXE request came to.
+    boot_server_url: str = Field(default="", pattern=r"^(https?://[A-Za-z0-9.:\[\]_-]+)?$")
+    #: What an unknown machine does after it is registered: ``local`` (boot its disk) or
+    #: ``menu`` (a short iPXE menu: local disk, or the client to take inventory and wait).
+    boot_unknown: Literal["local", "menu"] = "local"
+    #: Seconds the menu waits before it boots the local disk.
+    boot_menu_timeout: float = Field(default=5.0, ge=0.0, le=600.0)
+    #: Which disk the client writes: ``auto`` (the only fixed disk; refuses when there are
+    #: several), a device (``sda``, ``/dev/nvme0n1``), ``model:TEXT``, ``serial:TEXT``,
+    #: ``largest`` or ``smallest``.
+    boot_disk: str = Field(default="auto", pattern=r"^[A-Za-z0-9._~+/=:@%-]+$")
+    #: What the client does after a deployment: ``reboot`` (into the new system) or
+    #: ``poweroff``.
+    boot_after: Literal["reboot", "poweroff"] = "reboot"
+    #: Extra kernel arguments for the client, e.g. ``console=ttyS0,115200``.
+    boot_kernel_args: str = Field(default="", pattern=r"^[A-Za-z0-9._~+/=:@%, -]*$")
+
     @property
     def image_root(self) -> Path:
         """The image store's directory."""
         return self.data_dir / "images"
+
+    @property
+    def boot_files_dir(self) -> Path:
+        """Where the client boot image's files are served from."""
+        return Path(self.boot_dir) if self.boot_dir else self.data_dir / "boot"
 
     @property
     def db_url(self) -> str:

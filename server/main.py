@@ -18,7 +18,17 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
 from fleetcast import __version__
-from server.api.routes import agent, auth, events, groups, images, machines, sessions, system
+from server.api.routes import (
+    agent,
+    auth,
+    boot,
+    events,
+    groups,
+    images,
+    machines,
+    sessions,
+    system,
+)
 from server.config import Settings
 from server.db import db_session, make_engine, migrate
 from server.events import EventBus
@@ -86,6 +96,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or Settings()
     for router in (system, auth, images, machines, groups, sessions, agent, events):
         app.include_router(router.router)
+    if app.state.settings.boot_enabled:  # public routes: only where machines network-boot
+        app.include_router(boot.router)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
