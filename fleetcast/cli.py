@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "server": ("server.cli:server_main", "run the control plane (HTTP API, sessions)"),
     "admin": ("server.cli:admin_main", "create users and API tokens, migrate the database"),
     "agent": ("client.cli:agent_main", "enroll with a server and receive what it assigns"),
+    "pxe": ("server.cli:pxe_main", "network boot helpers (dnsmasq configuration)"),
 }
 
 

@@ -35,3 +35,10 @@ def admin_main(argv: Sequence[str]) -> int:
     from server.admin import admin_main as run
 
     return run(argv)
+
+
+def pxe_main(argv: Sequence[str]) -> int:
+    """``fleetcast pxe dnsmasq-config ...``: network boot helpers (docs/PXE.md)."""
+    from server.pxe import pxe_main as run
+
+    return run(argv)

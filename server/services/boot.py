@@ -129,6 +129,29 @@ sanboot --no-describe --drive 0x80 || exit
 """
 
 
+def start_script() -> str:
+    """The script DHCP points iPXE at: it asks ``/boot/ipxe`` with this machine's MAC and
+    what the firmware tells (a URL relative to this script's, so any server address works)."""
+    query = "&".join(
+        [
+            "mac=${netX/mac}",
+            "platform=${platform}",
+            "arch=${buildarch}",
+            "manufacturer=${manufacturer:uristring}",
+            "product=${product:uristring}",
+            "serial=${serial:uristring}",
+            "uuid=${uuid}",
+            "asset=${asset:uristring}",
+        ]
+    )
+    return (
+        "#!ipxe\n"
+        f"chain --autofree ipxe?{query} ||\n"
+        "echo fleetcast: the server gave no boot script; booting from the local disk\n"
+        "sleep 5\n" + LOCAL_BOOT
+    )
+
+
 def render_ipxe(d: BootDecision, opt: BootOptions) -> str:
     """The iPXE script for decision ``d`` (always a valid script: problems are echoed and
     the machine boots its disk instead)."""

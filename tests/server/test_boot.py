@@ -212,3 +212,11 @@ def test_boot_routes_exist_only_when_enabled(tmp_path: Path) -> None:
     with client:
         assert client.get("/boot/ipxe", params={"mac": "52:54:00:ab:cd:08"}).status_code == 404
         assert client.get("/boot/files/vmlinuz").status_code == 404
+
+
+def test_the_start_script_asks_for_this_machines_script_by_mac(api: Api) -> None:
+    text = api.client.get("/boot/start.ipxe").text
+    assert text.startswith("#!ipxe\n")
+    chain = next(x for x in text.splitlines() if x.startswith("chain "))
+    assert "ipxe?mac=${netX/mac}&" in chain and "manufacturer=${manufacturer:uristring}" in chain
+    assert "sanboot --no-describe --drive 0x80" in text  # the server did not answer: the disk

@@ -21,10 +21,20 @@ from server.services.errors import Invalid, NotFound
 router = APIRouter(prefix="/boot", tags=["boot"], responses=ERRORS)
 
 #: (method, path) of this router's routes: public (no token), like those in deps.PUBLIC_ROUTES.
-BOOT_PUBLIC_ROUTES = {("GET", "/boot/ipxe"), ("GET", "/boot/files/{name}")}
+BOOT_PUBLIC_ROUTES = {
+    ("GET", "/boot/start.ipxe"),
+    ("GET", "/boot/ipxe"),
+    ("GET", "/boot/files/{name}"),
+}
 
 Fact = Annotated[str, Query(max_length=128)]
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@router.get("/start.ipxe", response_class=PlainTextResponse)
+def start_script() -> PlainTextResponse:
+    """What DHCP hands iPXE: a script that asks /boot/ipxe with this machine's MAC."""
+    return PlainTextResponse(svc.start_script(), headers={"Cache-Control": "no-store"})
 
 
 @router.get("/ipxe", response_class=PlainTextResponse)
