@@ -112,7 +112,7 @@ class EngineConfig:
     repair_holdoff: float = 0.02
     """Sender: do not repair a fragment again within this long (the NAK crossed it)."""
 
-    sweep_holdoff: float = 0.6
+    sweep_holdoff: float = 0.1
     """Sender: do not sweep the same object again within this long (§4.2)."""
 
     max_partial_objects: int = 256

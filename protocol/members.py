@@ -58,6 +58,8 @@ class Member:
     replay: ReplayWindow
     state: MemberState = MemberState.ACTIVE
     last_heard: float = 0.0
+    #: the highest seq of ours it reported having processed (STATUS)
+    seen: int = 0
     naks: int = 0
     #: object -> (NAKs that came after a repair of it, time of the last NAK)
     object_naks: dict[int, tuple[int, float]] = field(default_factory=dict)

@@ -41,8 +41,12 @@ class JoinAck:
 
 @dataclass(frozen=True)
 class Nak:
-    """NAK body: (object, run_length, fragment mask); a run has mask 0, a mask has run 0."""
+    """NAK body: (object, run_length, fragment mask); a run has mask 0, a mask has run 0.
 
+    ``seen`` is the highest sender seq the receiver had processed when it wrote this.
+    """
+
+    seen: int
     entries: list[tuple[int, int, int]]
 
 
@@ -58,6 +62,7 @@ class Status:
     rx_bps: int
     backlog: int
     flags: int
+    seen: int  #: the highest sender seq the receiver had processed when it wrote this
     span_start: int
     span_end: int
     missing: list[tuple[int, int]]

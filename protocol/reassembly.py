@@ -211,9 +211,9 @@ class Reassembly:
         self.chunk_data.clear()
 
 
-def nak_bodies(due: Sequence[tuple[int, Partial]], capacity: int) -> list[bytes]:
+def nak_bodies(seen: int, due: Sequence[tuple[int, Partial]], capacity: int) -> list[bytes]:
     """NAK bodies for the missing fragments of ``due`` (object, Partial) pairs, by object."""
-    return wire.encode_nak_bodies([], [(obj, p.missing()) for obj, p in due], capacity)
+    return wire.encode_nak_bodies(seen, [], [(obj, p.missing()) for obj, p in due], capacity)
 
 
 class Meter:

@@ -637,7 +637,7 @@ class ReceiverSession:
         cfg = self._config
         due = self._objs.due_naks(now, cfg.nak_idle, cfg.nak_repeat)
         if due:
-            for body in nak_bodies(due, self._capacity(0)):
+            for body in nak_bodies(self._meter.max_seq, due, self._capacity(0)):
                 self._send(PacketType.NAK, body)
                 self._counts["naks_sent"] += 1
             for _obj, p in due:
@@ -662,6 +662,7 @@ class ReceiverSession:
             rx_bps,
             len(self._handed),
             0,
+            self._meter.max_seq,
             span_start,
             span_end,
             [],

@@ -8,7 +8,7 @@ GSO Transmits of at most ``segments_per_transmit`` datagrams.
 from __future__ import annotations
 
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from protocol import wire
 from protocol.config import EngineConfig
@@ -18,6 +18,23 @@ from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, Transmit
 
 POLL_INTERVAL = 0.05
 SWEEP_SCAN_LIMIT = 4096
+SEQ_MASK = 0xFFFFFFFF
+
+
+def unseen(sent: int, seen: int) -> bool:
+    """True when datagram ``sent`` is later than ``seen``, the highest sender seq a receiver
+    has processed: the receiver cannot have seen it yet (§4.2). Serial-number arithmetic."""
+    return 0 < (sent - seen) & SEQ_MASK < 0x80000000
+
+
+class Need:
+    """What one active receiver lacks, and how far into our stream it has read."""
+
+    __slots__ = ("missing", "seen")
+
+    def __init__(self, missing: RangeSet, seen: int) -> None:
+        self.missing = missing
+        self.seen = seen
 
 
 def mask_to_list(mask: int) -> list[int]:
@@ -55,15 +72,19 @@ class Scheduler:
         self._counts = counts
         self._fp = config.fragment_payload
         self.chunks = max(1, -(-len(manifest_bytes) // MANIFEST_CHUNK))
-        self.pending: deque[Transmit] = deque()
+        #: bursts queued but not packed yet: (object, fragments, flags, last of its burst).
+        #: Packing (seq numbers, tags) happens as each goes out, so seq order is send order.
+        self.pending: deque[tuple[int, Sequence[int], int, bool]] = deque()
         #: object -> fragment mask to repair; outliers' repairs wait in low_repairs (§4.3)
         self.repairs: dict[int, int] = {}
         self.low_repairs: dict[int, int] = {}
-        #: object -> (time, mask) of its last repair, for repair_holdoff
-        self.recent_repairs: dict[int, tuple[float, int]] = {}
+        #: object -> (time, mask, seq of its last datagram; None while still queued)
+        self.recent_repairs: dict[int, tuple[float, int, int | None]] = {}
         #: object -> when it was last sent, by repair or sweep
         self.last_sent: dict[int, float] = {}
         self._swept: dict[int, float] = {}
+        #: object -> seq of the last datagram of its last sweep
+        self._swept_seq: dict[int, int] = {}
         self._ever_sent: set[int] = set()
         self._cursor = 0
         self.passes = 0
@@ -71,20 +92,26 @@ class Scheduler:
         self.idle_until: float | None = None
         self._cache: OrderedDict[int, bytes] = OrderedDict()
 
-    def add_repair(self, obj: int, mask: int, now: float, low: bool) -> None:
-        """Merge a NAK's fragment mask for ``obj``, minus what was repaired just now."""
+    def add_repair(self, obj: int, mask: int, now: float, low: bool, seen: int) -> None:
+        """Merge a NAK's fragment mask for ``obj``, minus what its sender has not yet seen
+        us repair (the repair is in its socket buffer or on the way) or we repaired just now.
+        """
         recent = self.recent_repairs.get(obj)
-        if recent is not None and now - recent[0] < self._config.repair_holdoff:
+        if recent is not None and (
+            recent[2] is None
+            or unseen(recent[2], seen)
+            or now - recent[0] < self._config.repair_holdoff
+        ):
             mask &= ~recent[1]
         if mask:
             queue = self.low_repairs if low else self.repairs
             queue[obj] = queue.get(obj, 0) | mask
 
-    def fill(self, now: float, sweeping: bool, needs: list[RangeSet]) -> bool:
+    def fill(self, now: float, sweeping: bool, needs: list[Need]) -> bool:
         """Queue the next object's Transmits (§4.2 order); False when there is nothing.
 
-        ``needs`` are the missing sets of the active receivers; ``sweeping`` is False while
-        the session waits for receivers (only manifest chunks and repairs go then).
+        ``needs`` describe the active receivers; ``sweeping`` is False while the session
+        waits for receivers (only manifest chunks and repairs go then).
         """
         if self.repairs:
             self._queue_repair(self.repairs, now)
@@ -98,6 +125,7 @@ class Scheduler:
                 return True
             return False
         self._swept[obj] = self.last_sent[obj] = now
+        self._swept_seq.pop(obj, None)  # set when its last datagram is packed
         self._queue_object(obj, range(self.fragments(obj)), 0)
         return True
 
@@ -107,44 +135,50 @@ class Scheduler:
         other = self.low_repairs if queue is self.repairs else self.repairs
         if obj in other:
             mask |= other.pop(obj)
-        self.recent_repairs[obj] = (now, mask)
         self.last_sent[obj] = now
+        self.recent_repairs[obj] = (now, mask, None)
         self._queue_object(obj, mask_to_list(mask), wire.FLAG_REPAIR)
 
-    def _next_manifest_chunk(self, now: float, needs: list[RangeSet]) -> int | None:
-        holdoff = self._config.sweep_holdoff
-        for k in range(self.chunks):
-            obj = MANIFEST_BASE + k
-            sent = self._swept.get(obj)
-            if sent is not None and now < sent + holdoff:
-                self.note_wakeup(sent + holdoff)
-                continue
-            if any(obj in missing for missing in needs):
-                return obj
+    def _next_manifest_chunk(self, now: float, needs: list[Need]) -> int | None:
+        first = MANIFEST_BASE
+        end = MANIFEST_BASE + self.chunks
+        found = [self._next_for(now, n, first, end) for n in needs]
+        return min((o for o in found if o is not None), default=None)
+
+    def _next_sweep_object(self, now: float, needs: list[Need]) -> int | None:
+        for wrapped in (False, True):
+            cursor = 0 if wrapped else self._cursor
+            found = [self._next_for(now, n, cursor, MANIFEST_BASE) for n in needs]
+            best = min((o for o in found if o is not None), default=None)
+            if best is not None:
+                self.passes += wrapped
+                self._cursor = best + 1
+                return best
+            if cursor == 0:
+                break
         return None
 
-    def _next_sweep_object(self, now: float, needs: list[RangeSet]) -> int | None:
+    def _next_for(self, now: float, need: Need, cursor: int, end: int) -> int | None:
+        """The first object in [cursor, end) this receiver lacks and could have seen us send.
+
+        An object swept after the last datagram the receiver reported processing is still
+        on its way (or in its socket buffer): sending it again would only duplicate it.
+        """
         holdoff = self._config.sweep_holdoff
-        active = needs
-        cursor = self._cursor
-        wrapped = False
+        missing = need.missing
         for _ in range(SWEEP_SCAN_LIMIT):
-            candidates = [n for n in (s.next_at_or_after(cursor) for s in active) if n is not None]
-            best = min((n for n in candidates if n < MANIFEST_BASE), default=None)
-            if best is None:
-                if wrapped or cursor == 0:
-                    return None
-                cursor, wrapped = 0, True
-                continue
-            sent = self._swept.get(best)
-            if sent is not None and now < sent + holdoff:
-                self.note_wakeup(sent + holdoff)
-                cursor = best + 1
-                continue
-            if wrapped:
-                self.passes += 1
-            self._cursor = best + 1
-            return best
+            obj = missing.next_at_or_after(cursor)
+            if obj is None or obj >= end:
+                return None
+            sent = self._swept_seq.get(obj)
+            if sent is None:
+                return obj
+            if not unseen(sent, need.seen):
+                at = self._swept[obj]
+                if now >= at + holdoff:
+                    return obj
+                self.note_wakeup(at + holdoff)
+            cursor = obj + 1
         self.note_wakeup(now + POLL_INTERVAL)
         return None
 
@@ -183,18 +217,31 @@ class Scheduler:
         return payload
 
     def _queue_object(self, obj: int, frags: range | list[int], flags: int) -> None:
-        payload = self._payload(obj)
+        """Queue ``frags`` of ``obj`` as bursts of at most segments_per_transmit datagrams."""
         per = self._config.segments_per_transmit
+        n = len(frags)
+        for i in range(0, n, per):
+            self.pending.append((obj, frags[i : i + per], flags, i + per >= n))
+
+    def pop_transmit(self) -> Transmit:
+        """Pack the next queued burst: header, seq, payload slice and tag per datagram."""
+        obj, chunk, flags, last = self.pending.popleft()
+        payload = self._payload(obj)
+        seq = self._next_seq(len(chunk))
+        data = wire.pack_fragments(
+            self._key, self._header, seq, obj, payload, chunk, self._fp, flags
+        )
+        end = (seq + len(chunk) - 1) & SEQ_MASK
+        if flags:
+            key = "repair_datagrams"
+            if last and obj in self.recent_repairs:
+                at, mask, _ = self.recent_repairs[obj]
+                self.recent_repairs[obj] = (at, mask, end)
+        else:
+            key = "resweep_datagrams" if obj in self._ever_sent else "data_datagrams"
+            if last:
+                self._swept_seq[obj] = end
+                self._ever_sent.add(obj)
+        self._counts[key] += len(chunk)
         seg = self._config.payload_size
-        hdr = self._header
-        repeat = obj in self._ever_sent and not flags
-        self._ever_sent.add(obj)
-        for i in range(0, len(frags), per):
-            chunk = frags[i : i + per]
-            seq = self._next_seq(len(chunk))
-            data = wire.pack_fragments(self._key, hdr, seq, obj, payload, chunk, self._fp, flags)
-            self.pending.append(Transmit(data, seg if len(chunk) > 1 else len(data), None))
-            key = (
-                "repair_datagrams" if flags else "resweep_datagrams" if repeat else "data_datagrams"
-            )
-            self._counts[key] += len(chunk)
+        return Transmit(data, seg if len(chunk) > 1 else len(data), None)

@@ -32,7 +32,7 @@ from protocol.members import Member, MemberState, ReplayWindow
 from protocol.pacing import Pacer
 from protocol.rangeset import RangeSet
 from protocol.retry import Retry
-from protocol.scheduler import POLL_INTERVAL, Scheduler
+from protocol.scheduler import POLL_INTERVAL, Need, Scheduler, unseen
 from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, PacketType, Transmit, WireError
 
 logger = logging.getLogger(__name__)
@@ -427,6 +427,7 @@ class SenderSession:
             replay=ReplayWindow(hdr.seq),
             last_heard=now,
             blocks_total=len(self._data),
+            seen=(self._seq - 1) & 0xFFFFFFFF,  # it cannot have read anything sent later
         )
         m.blocks_done = m.blocks_total - len(missing.intersection(self._data))
         self._members[hdr.source] = m
@@ -462,7 +463,7 @@ class SenderSession:
             if self._sched.last_sent.get(obj, -1.0) > last:
                 count += 1  # counts only NAKs that follow a repair: repairs that failed
             m.object_naks[obj] = (count, now)
-            self._sched.add_repair(obj, mask, now, low=m.outlier)
+            self._sched.add_repair(obj, mask, now, low=m.outlier, seen=msg.seen)
             if count > self._config.max_object_naks:
                 self._evict(
                     m,
@@ -503,6 +504,9 @@ class SenderSession:
         reported = RangeSet(msg.missing).intersection(self._objects)
         m.missing.replace_span(msg.span_start, end, reported)
         m.last_status_time = now
+        last_sent = (self._seq - 1) & 0xFFFFFFFF
+        if unseen(msg.seen, m.seen) and not unseen(msg.seen, last_sent):
+            m.seen = msg.seen  # how far into our stream it has read (§4.2)
         m.loss = msg.loss
         m.blocks_done = min(msg.blocks_done, m.blocks_total)
         m.bytes_done = msg.bytes_done
@@ -600,7 +604,7 @@ class SenderSession:
             sched.pending.clear()
             return out
         sweeping = self._state is SenderState.TRANSFERRING
-        needs = [m.missing for m in self._members.values() if m.active]
+        needs = [Need(m.missing, m.seen) for m in self._members.values() if m.active]
         limit = None if self._pacer.paced else self._config.max_transmits_per_call
         while True:
             if not sched.pending and not sched.fill(now, sweeping, needs):
@@ -611,7 +615,7 @@ class SenderSession:
             if limit is not None and len(out) >= limit:
                 self._blocked = True
                 return out
-            t = sched.pending.popleft()
+            t = sched.pop_transmit()
             self._pacer.consume(len(t.data))
             out.append(t)
 

@@ -51,9 +51,9 @@ JOIN = struct.Struct("!BB")
 TARGET = struct.Struct("!II")
 JOIN_ACK = struct.Struct("!IIB")
 # §2.3 STATUS fixed part: blocks_done, blocks_total, bytes_done 8, loss 2, write_kib_s 4,
-# rx_kib_s 4,
+# rx_kib_s 4, seen 4 (highest sender seq processed),
 # backlog 2, flags 1, reserved 1, span_start 4, span_end 4
-STATUS = struct.Struct("!IIQHIIHBxII")
+STATUS = struct.Struct("!IIQHIIHBxIII")
 DONE = struct.Struct("!IQ")
 LEAVE = struct.Struct("!B")
 COUNT = struct.Struct("!H")
@@ -293,6 +293,7 @@ def encode_status(s: Status, ranges: bytes) -> bytes:
             rx_kib,
             min(s.backlog, 0xFFFF),
             s.flags,
+            s.seen,
             s.span_start,
             s.span_end,
         )
@@ -303,7 +304,7 @@ def encode_status(s: Status, ranges: bytes) -> bytes:
 def decode_status(body: memoryview) -> Status:
     if len(body) < STATUS.size:
         raise WireError("malformed", "status length")
-    done, total, nbytes, loss, kib, rx_kib, backlog, flags, s0, s1 = STATUS.unpack_from(body)
+    done, total, nbytes, loss, kib, rx_kib, backlog, flags, seen, s0, s1 = STATUS.unpack_from(body)
     missing, end = decode_ranges(body, STATUS.size)
     if end != len(body):
         raise WireError("malformed", "status trailing bytes")
@@ -320,6 +321,7 @@ def decode_status(body: memoryview) -> Status:
         rx_kib * 1024,
         backlog,
         flags,
+        seen,
         s0,
         s1,
         missing,
@@ -420,24 +422,27 @@ def _frag_entry(obj: int, frags: Sequence[int], space: int) -> tuple[bytes, int]
 
 
 def encode_nak_bodies(
+    seen: int,
     runs: Sequence[tuple[int, int]],
     partial: Sequence[tuple[int, Sequence[int]]],
     capacity: int,
 ) -> list[bytes]:
     """NAK bodies of at most ``capacity`` bytes for whole-object runs and missing fragments.
 
-    ``runs`` holds (start, end) object ranges; ``partial`` holds (object, sorted missing
-    fragments). Entries are split across bodies when they do not fit one.
+    ``seen`` is the highest sender seq the receiver has processed; ``runs`` holds (start,
+    end) object ranges; ``partial`` holds (object, sorted missing fragments). Entries are
+    split across bodies when they do not fit one.
     """
     bodies: list[bytes] = []
     parts: list[bytes] = []
-    used = COUNT.size
+    head = U32.size + COUNT.size
+    used = head
 
     def flush() -> None:
         nonlocal parts, used
         if parts:
-            bodies.append(COUNT.pack(len(parts)) + b"".join(parts))
-        parts, used = [], COUNT.size
+            bodies.append(U32.pack(seen) + COUNT.pack(len(parts)) + b"".join(parts))
+        parts, used = [], head
 
     for start, end in runs:
         if used + NAK_ENTRY.size + U32.size > capacity or len(parts) == 0xFFFF:
@@ -462,10 +467,11 @@ def encode_nak_bodies(
 
 def decode_nak(body: memoryview) -> Nak:
     """Decode NAK entries into (object, run_length, fragment mask) triples."""
-    if len(body) < COUNT.size:
+    if len(body) < U32.size + COUNT.size:
         raise WireError("malformed", "nak count missing")
-    (n,) = COUNT.unpack_from(body)
-    off = COUNT.size
+    (seen,) = U32.unpack_from(body)
+    (n,) = COUNT.unpack_from(body, U32.size)
+    off = U32.size + COUNT.size
     entries: list[tuple[int, int, int]] = []
     size = len(body)
     for _ in range(n):
@@ -477,7 +483,7 @@ def decode_nak(body: memoryview) -> Nak:
         entries.append(entry)
     if off != size:
         raise WireError("malformed", "nak trailing bytes")
-    return Nak(entries)
+    return Nak(seen, entries)
 
 
 def _nak_run(obj: int, body: memoryview, off: int) -> tuple[tuple[int, int, int], int]:

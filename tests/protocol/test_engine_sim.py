@@ -437,3 +437,18 @@ def test_a_receiver_that_joined_and_failed_still_counts_toward_min_receivers() -
     assert net.sender.finished
     assert [net.outcome(r) for r in rs[:2]] == ["completed", "completed"]
     assert _ended(net).outcome == "partial"
+
+
+@pytest.mark.parametrize("lag", [0.05, 0.8, 2.0])
+def test_receivers_reading_late_get_no_duplicates(lag: float) -> None:
+    """A receiver whose STATUS lags (a busy CPU, a deep socket buffer) is not sent again
+    what it simply has not read yet: STATUS and NAK say how far it has read (§4.2)."""
+    config = EngineConfig(auto_rate=False, rate_bps=20_000_000, receiver_timeout=10.0)
+    net = SimNet(27, make_image(random.Random(27), blocks=40), config, min_receivers=3)
+    late = Link(delay=lag)
+    rs = [net.add_receiver(f"r{i}", link=late) for i in range(3)]
+    net.run(limit=60)
+    for r in rs:
+        assert net.outcome(r) == "completed"
+        assert r.session.stats["duplicates"] == 0
+    assert net.sender.stats.get("resweep_datagrams", 0) == 0

@@ -84,12 +84,12 @@ def test_encode_ranges_stops_at_capacity() -> None:
 
 def test_status_roundtrip() -> None:
     ranges, _ = wire.encode_ranges([(5, 8)], 100)
-    s = wire.Status(3, 10, 3 << 20, 0.0123, 50 << 20, 80 << 20, 2, 0, 0, 0, [])
+    s = wire.Status(3, 10, 3 << 20, 0.0123, 50 << 20, 80 << 20, 2, 0, 77, 0, 0, [])
     got = _roundtrip(PacketType.STATUS, wire.encode_status(s, ranges))
     assert isinstance(got, wire.Status)
     assert (got.blocks_done, got.blocks_total, got.bytes_done, got.backlog) == (3, 10, 3 << 20, 2)
     assert got.loss == pytest.approx(0.0123, abs=1e-4)
-    assert got.write_bps == (50 << 20) and got.missing == [(5, 8)]
+    assert got.write_bps == (50 << 20) and got.missing == [(5, 8)] and got.seen == 77
 
 
 def test_control_messages_roundtrip() -> None:
@@ -115,12 +115,14 @@ def test_nak_bodies_carry_every_missing_fragment_within_capacity(seed: int) -> N
         partial.append((obj, frags))
     runs = [(2000, 2010), (3000, 3001)]
     capacity = rng.choice([100, 476, 1436, 8000])
-    bodies = wire.encode_nak_bodies(runs, partial, capacity)
+    bodies = wire.encode_nak_bodies(0xFFFFFFF0, runs, partial, capacity)
     got: dict[int, int] = {}
     got_runs = []
     for body in bodies:
         assert len(body) <= capacity
-        for obj, run, mask in wire.decode_nak(memoryview(body)).entries:
+        nak = wire.decode_nak(memoryview(body))
+        assert nak.seen == 0xFFFFFFF0
+        for obj, run, mask in nak.entries:
             if run:
                 got_runs.append((obj, obj + run))
             else:
@@ -131,14 +133,15 @@ def test_nak_bodies_carry_every_missing_fragment_within_capacity(seed: int) -> N
 
 
 def test_nak_picks_a_bitmap_for_dense_losses_and_a_list_for_sparse_ones() -> None:
-    (dense,) = wire.encode_nak_bodies([], [(1, list(range(100)))], 1400)
-    (sparse,) = wire.encode_nak_bodies([], [(1, [3, 900])], 1400)
-    assert dense[2 + 4] == wire.NAK_BITMAP and len(dense) < 2 + 5 + 4 + 13 + 1
-    assert sparse[2 + 4] == wire.NAK_LIST and len(sparse) == 2 + 5 + 2 + 4
+    (dense,) = wire.encode_nak_bodies(0, [], [(1, list(range(100)))], 1400)
+    (sparse,) = wire.encode_nak_bodies(0, [], [(1, [3, 900])], 1400)
+    head = 4 + 2  # seen, count
+    assert dense[head + 4] == wire.NAK_BITMAP and len(dense) < head + 5 + 4 + 13 + 1
+    assert sparse[head + 4] == wire.NAK_LIST and len(sparse) == head + 5 + 2 + 4
 
 
 def test_nak_decoder_refuses_bad_entries() -> None:
-    for body in (
+    for tail in (
         wire.COUNT.pack(1) + wire.NAK_ENTRY.pack(1, 9),  # unknown form
         wire.COUNT.pack(1) + wire.NAK_ENTRY.pack(1, wire.NAK_RUN) + wire.U32.pack(0),
         wire.COUNT.pack(1)
@@ -148,7 +151,7 @@ def test_nak_decoder_refuses_bad_entries() -> None:
         wire.COUNT.pack(2) + wire.NAK_ENTRY.pack(1, wire.NAK_RUN) + wire.U32.pack(1),
     ):
         with pytest.raises(WireError):
-            wire.decode_nak(memoryview(body))
+            wire.decode_nak(memoryview(wire.U32.pack(0) + tail))
 
 
 @pytest.mark.parametrize("payload_size", [512, 1472, 9000])
