@@ -133,6 +133,9 @@ class EngineConfig:
     receiver_timeout: float = 5.0
     """Sender: evict a receiver silent for this long (§7)."""
 
+    suspect_after: float = 1.0
+    """Sender: send nothing that only receivers silent this long still need (§7)."""
+
     max_object_naks: int = 40
     """Sender: evict a receiver that NAKs one object more than this many times."""
 

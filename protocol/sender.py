@@ -604,7 +604,14 @@ class SenderSession:
             sched.pending.clear()
             return out
         sweeping = self._state is SenderState.TRANSFERRING
-        needs = [Need(m.missing, m.seen) for m in self._members.values() if m.active]
+        # A receiver silent for a while (dead, or starved) is not served until it speaks
+        # again; it is evicted at receiver_timeout (§7).
+        quiet = now - self._config.suspect_after
+        needs = [
+            Need(m.missing, m.seen)
+            for m in self._members.values()
+            if m.active and m.last_heard >= quiet
+        ]
         limit = None if self._pacer.paced else self._config.max_transmits_per_call
         while True:
             if not sched.pending and not sched.fill(now, sweeping, needs):
