@@ -118,6 +118,8 @@ def test_a_receiver_killed_mid_stream_costs_the_others_nothing_and_is_evicted_si
     assert evicted.receiver_id == dead.session.receiver_id
     assert evicted.reason.startswith("silent")
     assert _ended(net).outcome == "partial"
+    # Nothing was sent again for the dead one while it waited for its eviction.
+    assert net.sender.stats.get("resweep_datagrams", 0) == 0
     # The sender gives up on the dead one within the timeout, not after hundreds of rounds.
     assert net.now < 0.5 + config.receiver_timeout + config.linger + 1.0
 
