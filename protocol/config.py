@@ -49,6 +49,10 @@ class EngineConfig:
     loss_threshold: float = 0.05
     """Auto mode: loss fraction above which the rate is cut (random loss below is ignored)."""
 
+    max_lag: float = 0.15
+    """Auto mode: receivers reading further behind than this (seconds) stop the rate growing;
+    twice this slows it down (their socket buffers are filling)."""
+
     rate_quantile: float = 0.75
     """Auto mode: use the loss of the receiver at this quantile, not the worst one."""
 

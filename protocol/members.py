@@ -75,6 +75,7 @@ class Member:
     bytes_done: int = 0
     write_bps: int = 0
     rx_bps: int = 0  #: UDP payload bits/s it received from us over its last STATUS interval
+    lag: float = 0.0  #: how far behind our sending its reading was at its last STATUS (s)
     backlog: int = 0
     reason: str = ""
     ended_at: float | None = None

@@ -72,19 +72,22 @@ class Pacer:
             return now
         return now + (-self._tokens * 8.0) / self.rate_bps
 
-    def adjust(self, now: float, reports: list[tuple[float, int]]) -> None:
-        """Auto mode: react to the freshest receiver reports, (loss fraction, received bit/s).
+    def adjust(self, now: float, reports: list[tuple[float, int, float]]) -> None:
+        """Auto mode: react to the freshest receiver reports: (loss fraction, received
+        bit/s, reading lag in seconds).
 
         Like TCP: grow multiplicatively (``rate_increase`` per ``rate_interval``) until the
         first loss above the threshold, then additively (a tenth of that); on loss, cut to
-        a little below the rate the receivers actually received at.
+        a little below the rate the receivers actually received at. Like LEDBAT: stop
+        growing while receivers read more than ``max_lag`` behind, back off beyond twice.
         """
         cfg = self._config
         if not cfg.auto_rate or self.rate_bps is None or not reports:
             return
         assert self.ceiling is not None
-        ordered = sorted(reports)
-        loss, received = ordered[int(cfg.rate_quantile * (len(ordered) - 1))]
+        q = int(cfg.rate_quantile * (len(reports) - 1))
+        loss, received, _ = sorted(reports)[q]
+        lag = sorted(r[2] for r in reports)[q]
         elapsed = min(1.0, max(0.0, now - self._last_adjust)) / cfg.rate_interval
         self._last_adjust = now
         if loss > cfg.loss_threshold:
@@ -97,6 +100,13 @@ class Pacer:
                 self.decreases += 1
                 self._slow_start = False
                 # Let reports made at the new rate arrive before cutting again.
+                self._decrease_holdoff = now + 2 * cfg.status_interval
+            return
+        if lag > cfg.max_lag:
+            if lag > 2 * cfg.max_lag and now >= self._decrease_holdoff:
+                self._set_rate(now, int(self.rate_bps * 0.85))
+                self.decreases += 1
+                self._slow_start = False
                 self._decrease_holdoff = now + 2 * cfg.status_interval
             return
         if self._slow_start:

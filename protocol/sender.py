@@ -6,6 +6,7 @@ returns, calls ``handle_timer`` at ``get_timer()``, and drains ``next_event``.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import random
@@ -100,6 +101,9 @@ class SenderSession:
         self._max_wait = max_wait
         self._instance = rng.randrange(1, 1 << 32)
         self._seq = 0
+        self._seq_total = 0  # never wraps: to place a receiver's seen in _send_log
+        #: (last seq of a Transmit, unwrapped; when it left), ascending
+        self._send_log: list[tuple[int, float]] = []
         self._state = SenderState.WAITING
         self._outcome = ""
         self._outcome_reason = ""
@@ -330,7 +334,7 @@ class SenderSession:
             if m.active and m.last_status_time >= fresh and m.blocks_done < m.blocks_total
         ]
         if any(m.last_status_time > self._last_rate_update for m in reports):
-            self._pacer.adjust(now, [(m.loss, m.rx_bps) for m in reports])
+            self._pacer.adjust(now, [(m.loss, m.rx_bps, m.lag) for m in reports])
             self._last_rate_update = now
             self._mark_outliers(reports)
 
@@ -507,6 +511,7 @@ class SenderSession:
         last_sent = (self._seq - 1) & 0xFFFFFFFF
         if unseen(msg.seen, m.seen) and not unseen(msg.seen, last_sent):
             m.seen = msg.seen  # how far into our stream it has read (§4.2)
+        m.lag = self._lag(m.seen, now)
         m.loss = msg.loss
         m.blocks_done = min(msg.blocks_done, m.blocks_total)
         m.bytes_done = msg.bytes_done
@@ -568,7 +573,18 @@ class SenderSession:
     def _next_seq(self, n: int = 1) -> int:
         seq = self._seq
         self._seq = (self._seq + n) & 0xFFFFFFFF
+        self._seq_total += n
         return seq
+
+    def _lag(self, seen: int, now: float) -> float:
+        """How long the first Transmit the receiver had not read yet (after ``seen``) has been
+        waiting: its queueing delay plus the path. 0 when it has read all we sent."""
+        seen_total = self._seq_total - ((self._seq - seen) & 0xFFFFFFFF)
+        log = self._send_log
+        i = bisect.bisect_right(log, (seen_total, float("inf")))
+        if i == len(log):
+            return 0.0
+        return max(0.0, now - log[i][1])
 
     def _multicast(self, ptype: PacketType, body: bytes) -> Transmit:
         hdr = wire.Header(ptype, self._session_id, 0, self._instance, self._next_seq())
@@ -625,6 +641,9 @@ class SenderSession:
             t = sched.pop_transmit()
             self._pacer.consume(len(t.data))
             out.append(t)
+            self._send_log.append((self._seq_total - 1, now))
+            if len(self._send_log) > 8192:
+                del self._send_log[:4096]
 
     def _summary(self, now: float) -> dict[str, Any]:
         states = Counter(m.state.value for m in self._members.values())

@@ -40,18 +40,18 @@ def test_auto_rate_grows_without_loss_and_never_passes_the_cap() -> None:
     config = EngineConfig(auto_rate=True, initial_rate_bps=100_000_000, rate_bps=400_000_000)
     p = Pacer(config, 0.0)
     for i in range(1, 40):
-        p.adjust(i * 0.1, [(0.0, 0)])
+        p.adjust(i * 0.1, [(0.0, 0, 0.0)])
     assert p.rate_bps == 400_000_000
 
 
 def test_auto_rate_cuts_to_what_got_through_and_ignores_one_lossy_receiver() -> None:
     config = EngineConfig(auto_rate=True, initial_rate_bps=500_000_000)
     p = Pacer(config, 0.0)
-    p.adjust(0.1, [(0.0, 0), (0.01, 0), (0.02, 0), (0.9, 50_000_000)])  # one outlier
-    assert p.rate_bps is not None and p.rate_bps > 500_000_000
-    p.adjust(0.2, [(0.6, 200_000_000)] * 4)
+    p.adjust(0.1, [(0.0, 0, 0.0), (0.01, 0, 0.0), (0.02, 0, 0.0), (0.9, 50_000_000, 2.0)])
+    assert p.rate_bps is not None and p.rate_bps > 500_000_000  # the outlier is ignored
+    p.adjust(0.2, [(0.6, 200_000_000, 0.0)] * 4)
     assert p.rate_bps == pytest.approx(180_000_000, rel=0.01)
-    p.adjust(0.3, [(0.6, 100_000_000)] * 4)  # too soon: reports of the old rate
+    p.adjust(0.3, [(0.6, 100_000_000, 0.0)] * 4)  # too soon: reports of the old rate
     assert p.rate_bps == pytest.approx(180_000_000, rel=0.01)
 
 
@@ -59,7 +59,7 @@ def test_background_loss_below_the_threshold_does_not_slow_the_session() -> None
     config = EngineConfig(auto_rate=True, initial_rate_bps=100_000_000)
     p = Pacer(config, 0.0)
     for i in range(1, 20):
-        p.adjust(i * 0.1, [(0.02, 0)] * 8)
+        p.adjust(i * 0.1, [(0.02, 0, 0.01)] * 8)
     assert p.rate_bps is not None and p.rate_bps > 100_000_000 and p.decreases == 0
 
 
@@ -98,3 +98,17 @@ def test_auto_rate_settles_near_a_bottleneck_and_everyone_finishes(capacity: int
     ideal = image.stored_bytes * 8 / capacity
     finished = max(r.finished_at or 0.0 for r in rs)
     assert finished < 2.0 * ideal + 0.5
+
+
+def test_receivers_reading_late_stop_the_growth_then_slow_the_rate() -> None:
+    config = EngineConfig(auto_rate=True, initial_rate_bps=300_000_000, max_lag=0.15)
+    p = Pacer(config, 0.0)
+    p.adjust(0.1, [(0.0, 0, 0.2)] * 3)  # behind, but not much: hold
+    assert p.rate_bps == 300_000_000
+    p.adjust(0.2, [(0.0, 0, 0.5)] * 3)  # far behind: slow down
+    assert p.rate_bps is not None and p.rate_bps < 300_000_000
+    slowed = p.rate_bps
+    p.adjust(0.3, [(0.0, 0, 0.5)] * 3)  # reports of the old rate: wait for fresh ones
+    assert p.rate_bps == slowed
+    p.adjust(0.9, [(0.0, 0, 0.01)] * 3)  # caught up: grow again
+    assert p.rate_bps > slowed
