@@ -30,11 +30,12 @@ def unseen(sent: int, seen: int) -> bool:
 class Need:
     """What one active receiver lacks, and how far into our stream it has read."""
 
-    __slots__ = ("missing", "seen")
+    __slots__ = ("missing", "outlier", "seen")
 
-    def __init__(self, missing: RangeSet, seen: int) -> None:
+    def __init__(self, missing: RangeSet, seen: int, outlier: bool = False) -> None:
         self.missing = missing
         self.seen = seen
+        self.outlier = outlier  #: served only when no one else needs anything (§4.3)
 
 
 def mask_to_list(mask: int) -> list[int]:
@@ -118,11 +119,13 @@ class Scheduler:
             return True
         obj = self._next_manifest_chunk(now, needs)
         if obj is None and sweeping:
-            obj = self._next_sweep_object(now, needs)
+            obj = self._next_sweep_object(now, [n for n in needs if not n.outlier])
+        if obj is None and self.low_repairs:  # outliers: only when nothing else waits
+            self._queue_repair(self.low_repairs, now)
+            return True
+        if obj is None and sweeping:
+            obj = self._next_sweep_object(now, [n for n in needs if n.outlier])
         if obj is None:
-            if self.low_repairs:  # outliers' repairs: only when nothing else waits
-                self._queue_repair(self.low_repairs, now)
-                return True
             return False
         self._swept[obj] = self.last_sent[obj] = now
         self._swept_seq.pop(obj, None)  # set when its last datagram is packed

@@ -624,7 +624,7 @@ class SenderSession:
         # again; it is evicted at receiver_timeout (§7).
         quiet = now - self._config.suspect_after
         needs = [
-            Need(m.missing, m.seen)
+            Need(m.missing, m.seen, m.outlier)
             for m in self._members.values()
             if m.active and m.last_heard >= quiet
         ]
