@@ -1,0 +1,205 @@
+"""Medians, ratios, the Markdown table and the PNG charts of a bench.compare result set."""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+MIB = 1 << 20
+Run = dict[str, Any]
+
+#: issue 8's targets: (scenario, peer, bound on fleetcast's wall / peer's wall)
+TIME_TARGETS = [
+    ("realistic-n1", "udpcast+zstd", 0.3),
+    ("realistic-n4", "udpcast+zstd", 0.4),
+    ("realistic-n8", "udpcast+zstd", 0.55),
+    ("realistic-n1", "http", 0.6),
+]
+
+
+def median(values: Iterable[float | None]) -> float | None:
+    """Median of the values that are not None; None when there are none."""
+    vs = [v for v in values if v is not None]
+    return statistics.median(vs) if vs else None
+
+
+def group(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
+    """Runs by (scenario, tool), in the order they first appear."""
+    out: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for r in runs:
+        out[(r["scenario"], r["tool"])].append(r)
+    return out
+
+
+def summarize(runs: list[Run]) -> dict[str, Any]:
+    """Medians over the repetitions of one scenario and tool."""
+
+    def med(f: Callable[[Run], float | None]) -> float | None:
+        return median(f(r) for r in runs)
+
+    def recv(r: Run, key: str) -> list[Any]:
+        return [x[key] for x in r["receivers"] if x[key] is not None and not x["faulted"]]
+
+    wall = med(lambda r: r["wall_s"])
+    return {
+        "runs": len(runs),
+        "ok": sum(r["all_expected_verified"] for r in runs),
+        "truthful": [r["sender_truthful"] for r in runs],
+        "wall": wall,
+        "others": med(lambda r: r["others_s"]),
+        "start": med(lambda r: r.get("first_data_s")),
+        "faulted": med(lambda r: r["faulted_s"]),
+        "mbps": runs[0]["image_bytes"] / wall / 1e6 if wall else None,
+        "wire": med(lambda r: r["wire_bytes"]),
+        "payload": runs[0]["payload_once"],
+        "retrans": med(lambda r: r["tool_reports"].get("retransmitted_share")),
+        "naks": med(lambda r: r["tool_reports"].get("nak_datagrams")),
+        "sender_cpu": med(lambda r: r["sender"]["cpu_s"]),
+        "sender_rss": med(lambda r: r["sender"]["peak_rss_kib"]),
+        "recv_cpu": med(lambda r: median(recv(r, "cpu_s"))),
+        "recv_rss": med(lambda r: max(recv(r, "peak_rss_kib"), default=None)),
+        "load": med(lambda r: r["load_1min"]),
+    }
+
+
+def _f(v: float | None, fmt: str = "{:.2f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _truth(values: list[bool | None]) -> str:
+    if all(v is None for v in values):
+        return "n/a"
+    return f"{sum(1 for v in values if v)}/{len(values)}"
+
+
+def table(runs: list[Run]) -> str:
+    """The Markdown table: one row per scenario and tool, medians, fleetcast's ratio."""
+    groups = group(runs)
+    sums = {k: summarize(v) for k, v in groups.items()}
+    head = [
+        "scenario", "tool", "verified runs", "exit truthful", "wall s (median)", "first data s",
+        "fleetcast ÷ this", "MB/s per receiver", "wire MiB", "wire ÷ payload", "retrans share",
+        "NAKs", "sender CPU s", "receiver CPU s", "sender RSS MiB", "receiver RSS MiB", "load",
+    ]  # fmt: skip
+    rows = [head]
+    for (sc, tool), s in sums.items():
+        fc = sums.get((sc, "fleetcast"))
+        ratio = fc["wall"] / s["wall"] if fc and fc["wall"] and s["wall"] else None
+        extra = ""
+        if s["faulted"] is not None or s["others"] != s["wall"]:
+            extra = f" (others {_f(s['others'])}, r0 {_f(s['faulted'])})"
+        rows.append([
+            sc, tool, f"{s['ok']}/{s['runs']}", _truth(s["truthful"]), _f(s["wall"]) + extra,
+            _f(s["start"]),
+            _f(ratio), _f(s["mbps"], "{:.0f}"), _f(s["wire"] and s["wire"] / MIB, "{:.0f}"),
+            _f(s["wire"] and s["wire"] / max(1, s["payload"])), _f(s["retrans"], "{:.1%}"),
+            _f(s["naks"], "{:.0f}"), _f(s["sender_cpu"]), _f(s["recv_cpu"]),
+            _f(s["sender_rss"] and s["sender_rss"] / 1024, "{:.0f}"),
+            _f(s["recv_rss"] and s["recv_rss"] / 1024, "{:.0f}"), _f(s["load"], "{:.1f}"),
+        ])  # fmt: skip
+    return _md(rows)
+
+
+def targets(runs: list[Run]) -> str:
+    """Issue 8's ratio targets that this result set can answer, met or not."""
+    sums = {k: summarize(v) for k, v in group(runs).items()}
+    rows = [["target", "measured", "met"]]
+
+    def wall(sc: str, tool: str) -> float | None:
+        s = sums.get((sc, tool))
+        return s["wall"] if s else None
+
+    for sc, peer, bound in TIME_TARGETS:
+        fc, other = wall(sc, "fleetcast"), wall(sc, peer)
+        if fc and other:
+            r = fc / other
+            rows.append(
+                [f"{sc}: fleetcast ≤ {bound}x {peer}'s time", f"{r:.2f}x", _yes(r <= bound)]
+            )
+    fc, udp = wall("random-n4", "fleetcast"), wall("random-n4", "udpcast")
+    if fc and udp:
+        rows.append(["random-n4: fleetcast ≥ 1.2x udpcast's throughput", f"{udp / fc:.2f}x",
+                     _yes(udp / fc >= 1.2)])  # fmt: skip
+    for n in (1, 4, 8):
+        lossy, clean = (
+            wall(f"realistic-n{n}-loss2", "fleetcast"),
+            wall(f"realistic-n{n}", "fleetcast"),
+        )
+        if lossy and clean:
+            rows.append([f"n{n}, 2% loss: ≤ 1.05x own lossless time", f"{lossy / clean:.2f}x",
+                         _yes(lossy / clean <= 1.05)])  # fmt: skip
+    for fault in ("kill", "slowport"):
+        s, clean = (
+            sums.get((f"realistic-n4-{fault}", "fleetcast")),
+            wall("realistic-n4", "fleetcast"),
+        )
+        if s and s["others"] and clean:
+            r = s["others"] / clean
+            rows.append([f"n4 {fault}: others ≤ 1.05x no-fault time", f"{r:.2f}x", _yes(r <= 1.05)])
+    for (sc, tool), s in sums.items():
+        if tool == "fleetcast" and s["recv_rss"]:
+            mib = s["recv_rss"] / 1024
+            rows.append([f"{sc}: receiver RSS ≤ 100 MiB", f"{mib:.0f} MiB", _yes(mib <= 100)])
+    return _md(rows) if len(rows) > 1 else "(no scenario here answers a target)\n"
+
+
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def _md(rows: list[list[str]]) -> str:
+    head = "| " + " | ".join(rows[0]) + " |\n|" + "|".join("---" for _ in rows[0]) + "|\n"
+    return head + "".join("| " + " | ".join(r) + " |\n" for r in rows[1:])
+
+
+def charts(runs: list[Run], out: Path, tag: str) -> list[Path]:
+    """Bar charts of median wall time and of CPU per scenario and tool; [] without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    sums = {k: summarize(v) for k, v in group(runs).items()}
+    scen = list(dict.fromkeys(sc for sc, _ in sums))
+    tools = list(dict.fromkeys(t for _, t in sums))
+    made = []
+    for key, label, fname in [
+        ("wall", "seconds until every receiver holds a verified copy (median)", "wall"),
+        ("sender_cpu", "sender CPU seconds (median)", "sender-cpu"),
+        ("recv_cpu", "CPU seconds per receiver (median)", "receiver-cpu"),
+    ]:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(scen)), 4))
+        width = 0.8 / max(1, len(tools))
+        for j, tool in enumerate(tools):
+            ys = [(sums.get((sc, tool)) or {}).get(key) or 0 for sc in scen]
+            xs = [i + j * width for i in range(len(scen))]
+            ax.bar(xs, ys, width, label=tool)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(scen))], scen, rotation=20)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{tag}-{fname}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def write(meta: dict[str, Any], runs: list[Run], out: Path, tag: str) -> str:
+    """Write ``out/TAG.md`` (and PNG charts); return the Markdown."""
+    pngs = charts(runs, out, tag)
+    text = (
+        f"# bench.compare: {tag}\n\n`{meta['command']}` — {meta['date']}, {meta['cpus']} CPUs, "
+        f"Linux {meta['kernel']}, Python {meta['python']}, image {meta['size'] // MIB} MiB, "
+        f"{meta['reps']} repetition(s), capture zstd level {meta['level']}; 1-min load at the "
+        f"end {meta['load_end'][0]:.1f} (per run in the last column).\n\n"
+        "## Targets (issue 8)\n\n" + targets(runs) + "\n## All runs (medians)\n\n" + table(runs)
+    )
+    text += "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs)
+    (out / f"{tag}.md").write_text(text)
+    return text
