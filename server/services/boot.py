@@ -129,9 +129,10 @@ sanboot --no-describe --drive 0x80 || exit
 """
 
 
-def start_script() -> str:
+def start_script(base_url: str) -> str:
     """The script DHCP points iPXE at: it asks ``/boot/ipxe`` with this machine's MAC and
-    what the firmware tells (a URL relative to this script's, so any server address works)."""
+    what the firmware tells. The URL is absolute: a script fetched through a PXE boot menu
+    has no base URI iPXE can resolve a relative one against."""
     query = "&".join(
         [
             "mac=${netX/mac}",
@@ -146,7 +147,7 @@ def start_script() -> str:
     )
     return (
         "#!ipxe\n"
-        f"chain --autofree ipxe?{query} ||\n"
+        f"chain --autofree {base_url}/boot/ipxe?{query} ||\n"
         "echo fleetcast: the server gave no boot script; booting from the local disk\n"
         "sleep 5\n" + LOCAL_BOOT
     )

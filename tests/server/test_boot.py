@@ -218,5 +218,6 @@ def test_the_start_script_asks_for_this_machines_script_by_mac(api: Api) -> None
     text = api.client.get("/boot/start.ipxe").text
     assert text.startswith("#!ipxe\n")
     chain = next(x for x in text.splitlines() if x.startswith("chain "))
-    assert "ipxe?mac=${netX/mac}&" in chain and "manufacturer=${manufacturer:uristring}" in chain
+    assert "http://testserver/boot/ipxe?mac=${netX/mac}&" in chain
+    assert "manufacturer=${manufacturer:uristring}" in chain
     assert "sanboot --no-describe --drive 0x80" in text  # the server did not answer: the disk

@@ -32,9 +32,10 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @router.get("/start.ipxe", response_class=PlainTextResponse)
-def start_script() -> PlainTextResponse:
+def start_script(request: Request, settings: SettingsDep) -> PlainTextResponse:
     """What DHCP hands iPXE: a script that asks /boot/ipxe with this machine's MAC."""
-    return PlainTextResponse(svc.start_script(), headers={"Cache-Control": "no-store"})
+    text = svc.start_script(_options(settings, request).base_url)
+    return PlainTextResponse(text, headers={"Cache-Control": "no-store"})
 
 
 @router.get("/ipxe", response_class=PlainTextResponse)
