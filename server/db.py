@@ -9,6 +9,8 @@ PostgreSQL is used as is. ``migrate(url)`` brings any database to the newest sch
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,10 +33,42 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # As many connections as the API has worker threads (40) plus the session runners:
+        # SQLite connections are cheap, and a request must never wait for the pool.
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            pool_size=16,
+            max_overflow=48,
+        )
         event.listen(engine, "connect", _sqlite_pragmas)
+        _WRITE_LOCKS[engine] = threading.Lock()
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40)
+
+
+#: One writer at a time per SQLite engine, queued on a Python lock. SQLite allows a single
+#: writer; left to its busy handler, waiting writers sleep and retry (up to 100 ms a try)
+#: while the holder, one of 40 API threads, waits for the GIL: under load a convoy of
+#: seconds. A session takes the lock at its first flush and drops it at commit/rollback.
+_WRITE_LOCKS: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+@event.listens_for(DbSession, "before_flush")
+def _take_write_lock(session: DbSession, _ctx: Any, _instances: Any) -> None:
+    bind = session.get_bind()
+    lock = _WRITE_LOCKS.get(bind) if isinstance(bind, Engine) else None
+    if lock is not None and "write_lock" not in session.info:
+        lock.acquire()
+        session.info["write_lock"] = lock
+
+
+@event.listens_for(DbSession, "after_commit")
+@event.listens_for(DbSession, "after_soft_rollback")
+def _drop_write_lock(session: DbSession, *_args: Any) -> None:
+    lock = session.info.pop("write_lock", None)
+    if lock is not None:
+        lock.release()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

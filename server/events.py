@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,8 @@ class EventBus:
     queue_size: int = 256
     loop: asyncio.AbstractEventLoop | None = None
     subscribers: set[Subscriber] = field(default_factory=set)
+    #: Called on the loop with every message (caches that must drop stale entries).
+    listeners: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
     published: int = 0
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -56,6 +58,8 @@ class EventBus:
 
     def _deliver(self, message: dict[str, Any]) -> None:
         self.published += 1
+        for listener in self.listeners:
+            listener(message)
         for sub in self.subscribers:
             if sub.queue.full():
                 sub.queue.get_nowait()

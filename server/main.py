@@ -8,6 +8,7 @@ images captured outside the API, starts the session manager and stops every send
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from fleetcast import __version__
@@ -34,13 +36,17 @@ from server.db import db_session, make_engine, migrate
 from server.events import EventBus
 from server.images.store import ImageStore
 from server.metrics import Metrics
+from server.services.agentcache import AgentCache
 from server.services.errors import ServiceError
 from server.services.images import sync_store
+from server.services.progress import ProgressBuffer
 from server.services.runner import SessionManager
 from server.services.sessions import fail_interrupted
 
 log = logging.getLogger(__name__)
 
+#: Seconds between writes of the agents' buffered progress.
+PROGRESS_FLUSH = 1.0
 RESTART_REASON = (
     "the server stopped while this session was running (restart or crash) and a multicast "
     "session cannot continue in a new server process; re-run it for the machines that did "
@@ -57,12 +63,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     store = ImageStore(settings.image_root)
     bus = EventBus(queue_size=settings.event_queue_size)
     metrics = Metrics(engine)
-    manager = SessionManager(engine, store, settings, bus, metrics)
+    progress = ProgressBuffer()
+    agent_cache = AgentCache()
+    bus.listeners.append(agent_cache.on_event)
+    app.state.agent_cache = agent_cache
+    manager = SessionManager(engine, store, settings, bus, metrics, progress)
     loop = asyncio.get_running_loop()
     bus.bind(loop)
     manager.bind(loop)
     app.state.engine, app.state.store, app.state.bus = engine, store, bus
-    app.state.metrics, app.state.manager = metrics, manager
+    app.state.metrics, app.state.manager, app.state.progress = metrics, manager, progress
 
     def recover() -> None:
         with db_session(engine) as db:
@@ -76,11 +86,32 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             log.info("registered %d images found in the store", added)
 
     await asyncio.to_thread(recover)
+    flusher = loop.create_task(_flush_progress(engine, progress))
     try:
         yield
     finally:
         await manager.shutdown()
+        flusher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await flusher
+        await asyncio.to_thread(_flush_once, engine, progress)
         engine.dispose()
+
+
+def _flush_once(engine: Engine, progress: ProgressBuffer) -> None:
+    with db_session(engine) as db:
+        progress.flush(db)
+
+
+async def _flush_progress(engine: Engine, progress: ProgressBuffer) -> None:
+    """Write the agents' buffered progress once a second (services/progress.py)."""
+    while True:
+        await asyncio.sleep(PROGRESS_FLUSH)
+        if len(progress):
+            try:
+                await asyncio.to_thread(_flush_once, engine, progress)
+            except Exception:  # a failed flush loses one second of progress, not the server
+                log.exception("writing the agents' progress failed")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

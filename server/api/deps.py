@@ -55,12 +55,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 _bearer = HTTPBearer(auto_error=False, description="an admin API token or a machine credential")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
@@ -70,26 +70,27 @@ def get_db(request: Request) -> Iterator[DbSession]:
         yield db
 
 
-def get_store(request: Request) -> ImageStore:
+async def get_store(request: Request) -> ImageStore:
     store: ImageStore = request.app.state.store
     return store
 
 
-def get_bus(request: Request) -> EventBus:
+async def get_bus(request: Request) -> EventBus:
     bus: EventBus = request.app.state.bus
     return bus
 
 
-def get_manager(request: Request) -> SessionManager:
+async def get_manager(request: Request) -> SessionManager:
     manager: SessionManager = request.app.state.manager
     return manager
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
 
+# The getters above are async on purpose: a sync dependency costs a worker-thread hop.
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 # scope="function": commit before the response is sent, so a client never acts on an
 # answer (a new credential, a new session) that is not in the database yet.
@@ -101,24 +102,25 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def _principal(request: Request, creds: HTTPAuthorizationCredentials | None) -> Principal:
+def _principal(db: DbSession, creds: HTTPAuthorizationCredentials | None) -> Principal:
     if creds is None or not creds.credentials:
         raise Unauthorized("this route needs a bearer token (Authorization: Bearer TOKEN)")
-    with db_session(request.app.state.engine) as db:
-        return resolve_token(db, creds.credentials)
+    return resolve_token(db, creds.credentials)
 
 
-def require_admin(request: Request, creds: BearerDep) -> Principal:
-    """The admin calling; 401 without a valid token, 403 for a machine credential."""
-    who = _principal(request, creds)
+def require_admin(db: DbDep, creds: BearerDep) -> Principal:
+    """The admin calling; 401 without a valid token, 403 for a machine credential.
+
+    Uses the request's own database session (one connection per request)."""
+    who = _principal(db, creds)
     if who.kind != "admin":
         raise Forbidden("this route needs an admin's API token, not a machine credential")
     return who
 
 
-def require_machine(request: Request, creds: BearerDep) -> Principal:
+def require_machine(db: DbDep, creds: BearerDep) -> Principal:
     """The machine calling; 401 without a valid credential, 403 for an admin token."""
-    who = _principal(request, creds)
+    who = _principal(db, creds)
     if who.kind != "machine":
         raise Forbidden("this route is for agents: use the machine credential from register")
     return who

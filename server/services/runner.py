@@ -30,6 +30,7 @@ from server.models import MACHINE_ACTIVE, Session
 from server.multicast.run import SendOptions, SendReport, SessionRunner
 from server.multicast.sender import SenderSocketError
 from server.services import sessions as svc
+from server.services.progress import ProgressBuffer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,8 +48,10 @@ class SessionManager:
         settings: Settings,
         bus: EventBus,
         metrics: Metrics,
+        progress: ProgressBuffer | None = None,
     ) -> None:
         self.engine, self.store, self.settings = engine, store, settings
+        self.progress = progress
         self.bus, self.metrics = bus, metrics
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -188,6 +191,8 @@ class SessionManager:
             await asyncio.sleep(0.25)
 
     def _finalize(self, db: Any, session_id: int, report: SendReport | None, reason: str) -> None:
+        if self.progress is not None:
+            self.progress.flush(db)
         s = db.get(Session, session_id)
         if s is None:
             return

@@ -42,6 +42,8 @@ from server.services.audit import record
 from server.services.errors import Conflict, Forbidden, Invalid, NotFound
 from server.services.images import image_by_name
 from server.services.machines import get_group, get_machine, group_member_ids
+from server.services.progress import Pending, ProgressBuffer
+from server.services.progress import apply as apply_progress
 
 #: Agent results -> machine states.
 _RESULT_STATE = {
@@ -309,7 +311,7 @@ def assignment(db: DbSession, store: ImageStore, machine_id: int) -> Assignment:
     )
 
 
-def _own_row(db: DbSession, machine_id: int, session_id: int) -> tuple[Session, SessionMachine]:
+def own_row(db: DbSession, machine_id: int, session_id: int) -> tuple[Session, SessionMachine]:
     row = db.exec(
         select(SessionMachine).where(
             SessionMachine.session_id == session_id, SessionMachine.machine_id == machine_id
@@ -321,45 +323,60 @@ def _own_row(db: DbSession, machine_id: int, session_id: int) -> tuple[Session, 
 
 
 def progress(
-    db: DbSession, bus: EventBus | None, machine_id: int, report: AgentProgress
+    db: DbSession,
+    bus: EventBus | None,
+    machine_id: int,
+    report: AgentProgress,
+    buffer: ProgressBuffer | None = None,
 ) -> AgentProgressReply:
-    """Record the newest of an agent's batched samples; tells it to stop if it should."""
-    s, row = _own_row(db, machine_id, report.session_id)
+    """Record the newest of an agent's batched samples; tells it to stop if it should.
+
+    The first report moves the machine to ``receiving`` at once; later ones go to
+    ``buffer`` (written once a second by its flush) when one is given.
+    """
+    s, row = own_row(db, machine_id, report.session_id)
     if s.state != "running" or row.state not in MACHINE_ACTIVE:
         why = row.reason or s.reason or f"session {s.id} is {s.state}"
         return AgentProgressReply(cancel=True, reason=why)
     last = report.samples[-1]
-    now = utcnow()
-    if report.receiver_id is not None:
-        row.receiver_id = report.receiver_id
-    row.bytes_done, row.bytes_total = last.bytes_done, last.bytes_total
-    row.blocks_done, row.blocks_total = last.blocks_done, last.blocks_total
-    row.rate_bps, row.loss, row.naks = last.rate_bps, last.loss, last.naks
-    row.updated_at = now
-    if row.state != "receiving":
-        row.started_at = row.started_at or now
-        _set_machine_state(db, bus, row, "receiving", "", f"machine:{machine_id}")
+    pending = Pending(report.receiver_id, last, utcnow())
+    if row.state == "receiving" and buffer is not None:
+        buffer.put(row.session_id, machine_id, pending)
     else:
-        db.add(row)
+        apply_progress(row, pending)
+        if row.state != "receiving":
+            row.started_at = row.started_at or pending.at
+            _set_machine_state(db, bus, row, "receiving", "", f"machine:{machine_id}")
+        else:
+            db.add(row)
     if bus is not None:
         bus.publish(
             "machine.progress",
             session_id=s.id,
             machine_id=machine_id,
-            bytes_done=row.bytes_done,
-            bytes_total=row.bytes_total,
-            rate_bps=row.rate_bps,
-            loss=row.loss,
-            naks=row.naks,
+            bytes_done=last.bytes_done,
+            bytes_total=last.bytes_total,
+            rate_bps=last.rate_bps,
+            loss=last.loss,
+            naks=last.naks,
         )
     return AgentProgressReply()
 
 
-def result(db: DbSession, bus: EventBus | None, machine_id: int, res: AgentResult) -> str:
+def result(
+    db: DbSession,
+    bus: EventBus | None,
+    machine_id: int,
+    res: AgentResult,
+    buffer: ProgressBuffer | None = None,
+) -> str:
     """Record an agent's verdict; returns the machine's new state. Conflict if it ended."""
-    s, row = _own_row(db, machine_id, res.session_id)
+    s, row = own_row(db, machine_id, res.session_id)
     if row.state in MACHINE_ENDED:
         raise Conflict(f"machine {machine_id} ended in session {s.id} already ({row.state})")
+    pending = buffer.take(res.session_id, machine_id) if buffer is not None else None
+    if pending is not None:
+        apply_progress(row, pending)
     image = db.get(Image, s.image_id)
     state, reason = _RESULT_STATE[res.result], res.reason
     if state == "succeeded" and image is not None:

@@ -243,3 +243,48 @@ def test_metrics_count_sessions_by_state(api: Api) -> None:
     text = api.get("/metrics").text
     assert 'fleetcast_sessions{state="pending"} 1.0' in text
     assert "fleetcast_sent_bytes_total" in text
+
+
+def test_progress_is_buffered_then_written_and_a_cancel_reaches_the_agent(api: Api) -> None:
+    _captured(api)
+    agent = api.enroll("52:54:00:ab:00:01")
+    mid = api.get("/api/machines").json()[0]["id"]
+    s = api.post(
+        "/api/sessions",
+        json={"image": "golden", "machine_ids": [mid], "start_policy": {"start": "manual"}},
+    ).json()
+    engine = make_engine(api.settings.db_url)
+    with db_session(engine) as db:  # running, without a sender: the control plane alone
+        row = db.get(Session, s["id"])
+        assert row is not None
+        session_svc.mark_running(db, None, row, "test")
+    engine.dispose()
+
+    def report(n: int) -> dict[str, object]:
+        r = api.client.post(
+            "/api/agent/progress",
+            headers=agent,
+            json={
+                "session_id": s["id"],
+                "receiver_id": 7,
+                "samples": [{"bytes_done": n, "bytes_total": 1000, "naks": n}],
+            },
+        )
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    assert report(10) == {"cancel": False, "reason": ""}
+    first = api.get(f"/api/sessions/{s['id']}").json()["machines"][0]
+    assert first["state"] == "receiving" and first["bytes_done"] == 10
+    for n in (20, 30, 40):
+        report(n)
+    deadline = time.monotonic() + 10
+    while api.get(f"/api/sessions/{s['id']}").json()["machines"][0]["bytes_done"] != 40:
+        assert time.monotonic() < deadline, "buffered progress was never written"
+        time.sleep(0.1)
+    assert api.post(f"/api/sessions/{s['id']}/cancel").status_code == 200
+    deadline = time.monotonic() + 5
+    while not (reply := report(50))["cancel"]:
+        assert time.monotonic() < deadline, "the agent was never told to stop"
+        time.sleep(0.05)
+    assert "cancelled by user:admin" in str(reply["reason"])

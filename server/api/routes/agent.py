@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, status
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, status
 from sqlmodel import select
 
 from server.api.deps import (
@@ -15,6 +18,7 @@ from server.api.deps import (
     SettingsDep,
     StoreDep,
 )
+from server.db import db_session
 from server.models import (
     AgentCredential,
     AgentProgress,
@@ -23,11 +27,15 @@ from server.models import (
     AgentResult,
     ApiToken,
     Assignment,
+    utcnow,
 )
-from server.security import MACHINE_PREFIX, new_token, same_secret
+from server.security import MACHINE_PREFIX, new_token, same_secret, token_hash
 from server.services import sessions as svc
+from server.services.agentcache import AgentCache
 from server.services.errors import Forbidden, Unauthorized
 from server.services.machines import enroll
+from server.services.progress import Pending, ProgressBuffer
+from server.services.users import resolve_token
 
 router = APIRouter(prefix="/api/agent", tags=["agent"], responses=ERRORS)
 
@@ -53,6 +61,7 @@ def register(
     for old in db.exec(select(ApiToken).where(ApiToken.machine_id == m.id)):
         old.revoked = True
         db.add(old)
+    bus.publish("machine.enrolled", machine_id=m.id)  # cached older credentials drop
     token, digest = new_token(MACHINE_PREFIX)
     db.add(ApiToken(token_hash=digest, kind="machine", name=m.mac, machine_id=m.id))
     return AgentCredential(
@@ -66,19 +75,83 @@ def get_assignment(who: MachineDep, db: DbDep, store: StoreDep) -> Assignment:
     return svc.assignment(db, store, who.machine_id or 0)
 
 
+def _resolve_machine(request: Request, token: str) -> int:
+    with db_session(request.app.state.engine) as db:
+        who = resolve_token(db, token)
+    if who.kind != "machine" or who.machine_id is None:
+        raise Forbidden("this route is for agents: use the machine credential from register")
+    return who.machine_id
+
+
+async def cached_machine(request: Request, creds: BearerDep) -> int:
+    """The calling machine's id, from the AgentCache when it knows the credential."""
+    if creds is None or not creds.credentials:
+        raise Unauthorized("this route needs a bearer token (Authorization: Bearer TOKEN)")
+    cache: AgentCache = request.app.state.agent_cache
+    digest = token_hash(creds.credentials)
+    machine_id = cache.machine(digest)
+    if machine_id is None:
+        machine_id = await asyncio.to_thread(_resolve_machine, request, creds.credentials)
+        cache.remember_machine(digest, machine_id)
+    return machine_id
+
+
 @router.post("/progress", response_model=AgentProgressReply)
-def post_progress(
-    body: AgentProgress, who: MachineDep, db: DbDep, bus: BusDep, metrics: MetricsDep
+async def post_progress(
+    request: Request,
+    body: AgentProgress,
+    machine_id: Annotated[int, Depends(cached_machine)],
+    bus: BusDep,
+    metrics: MetricsDep,
 ) -> AgentProgressReply:
-    """Batched progress samples (the newest counts); the reply may tell the agent to stop."""
+    """Batched progress samples (the newest counts); the reply may tell the agent to stop.
+
+    The hot path: with the credential and the machine's row in the AgentCache, it touches
+    no database (the sample is written by the once-a-second flush)."""
     metrics.agent_reports.labels("progress").inc()
-    return svc.progress(db, bus, who.machine_id or 0, body)
+    cache: AgentCache = request.app.state.agent_cache
+    row = cache.row(body.session_id, machine_id)
+    if row is None or row.machine_state != "receiving":
+        return await asyncio.to_thread(_progress_slow, request, machine_id, body)
+    if row.session_state != "running":
+        why = row.reason or f"session {body.session_id} is {row.session_state}"
+        return AgentProgressReply(cancel=True, reason=why)
+    last = body.samples[-1]
+    buffer: ProgressBuffer = request.app.state.progress
+    buffer.put(body.session_id, machine_id, Pending(body.receiver_id, last, utcnow()))
+    bus.publish(
+        "machine.progress",
+        session_id=body.session_id,
+        machine_id=machine_id,
+        bytes_done=last.bytes_done,
+        bytes_total=last.bytes_total,
+        rate_bps=last.rate_bps,
+        loss=last.loss,
+        naks=last.naks,
+    )
+    return AgentProgressReply()
+
+
+def _progress_slow(request: Request, machine_id: int, body: AgentProgress) -> AgentProgressReply:
+    """The progress route through the database; fills the AgentCache for the next report."""
+    state = request.app.state
+    with db_session(state.engine) as db:
+        reply = svc.progress(db, state.bus, machine_id, body, state.progress)
+        s, row = svc.own_row(db, machine_id, body.session_id)
+        cache: AgentCache = state.agent_cache
+        cache.remember_row(s.id or 0, machine_id, s.state, row.state, row.reason or s.reason)
+    return reply
 
 
 @router.post("/result", status_code=status.HTTP_200_OK)
 def post_result(
-    body: AgentResult, who: MachineDep, db: DbDep, bus: BusDep, metrics: MetricsDep
+    request: Request,
+    body: AgentResult,
+    who: MachineDep,
+    db: DbDep,
+    bus: BusDep,
+    metrics: MetricsDep,
 ) -> dict[str, str]:
     """The agent's verdict for its session."""
     metrics.agent_reports.labels("result").inc()
-    return {"state": svc.result(db, bus, who.machine_id or 0, body)}
+    return {"state": svc.result(db, bus, who.machine_id or 0, body, request.app.state.progress)}
