@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench import report, scenarios
+from bench import profile, report, scenarios
 from bench.disks import make_random_disk, make_realistic_disk, parse_size
 from bench.lab import Lab, LabError, Node, require_lab_support
 from bench.peers import ROOT, Launched, PreparedImage, RunContext, Tool, all_tools
@@ -183,8 +183,13 @@ def run_one(
     scratch: Path,
     timeout: float,
     keep: bool = False,
+    profile_to: Path | None = None,
 ) -> dict[str, Any]:
-    """Run ``tool`` once in a fresh lab for scenario ``sc``; return the run's record."""
+    """Run ``tool`` once in a fresh lab for scenario ``sc``; return the run's record.
+
+    With ``profile_to`` (a path prefix) a fleetcast run's sender and receiver r0 are sampled
+    by py-spy into ``PREFIX-sender.txt`` and ``PREFIX-r0.txt`` (collapsed stacks).
+    """
     run_dir = Path(tempfile.mkdtemp(prefix=f"{tool.name}-{sc.name}-", dir=scratch))
     key = run_dir / "session.key"
     key.write_text(secrets.token_bytes(32).hex() + "\n")
@@ -214,11 +219,17 @@ def run_one(
         )
         tx0 = tx_bytes(lab, lab.sender)
         launched = tool.launch(ctx)
+        spies = []
+        if profile_to is not None and tool.name == "fleetcast":
+            for role, proc in (("sender", launched.sender), ("r0", launched.receivers[0])):
+                spies.append(profile.start(proc.pid, Path(f"{profile_to}-{role}.txt")))
         poller = Poller(lab, launched)
         killed_at = _watch(tool, ctx, poller, timeout)
         wire = tx_bytes(lab, lab.sender) - tx0
         for name in list(poller.procs):
             poller.stop(name)
+        for spy in spies:
+            profile.stop(spy)
         record = _record(tool, ctx, poller, wire, killed_at, load)
     if keep:
         for t in ctx.targets:
@@ -355,6 +366,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--keep", help="keep each run's logs (not its targets) in --scratch", action="store_true"
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the fleetcast sender and r0 of each run (results in --out)",
+    )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p.parse_args(argv)
 
@@ -397,17 +413,27 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
     tag = a.tag or ("quick" if a.quick else "full")
-    results = run_all(a, chosen, tools, reps)
+    if a.profile and not profile.available():
+        print("bench.compare: --profile needs py-spy: pip install -e '.[bench]'", file=sys.stderr)
+        return 1
+    a.out.mkdir(parents=True, exist_ok=True)
+    results = run_all(a, chosen, tools, reps, tag)
     meta = _meta(a, reps, tag)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{tag}.json").write_text(json.dumps({"meta": meta, "runs": results}, indent=1))
     text = report.write(meta, results, a.out, tag)
+    if a.profile:
+        text += _profiles(a.out, tag)
     print(text)
     return 0
 
 
 def run_all(
-    a: argparse.Namespace, chosen: list[scenarios.Scenario], tools: list[Tool], reps: int
+    a: argparse.Namespace,
+    chosen: list[scenarios.Scenario],
+    tools: list[Tool],
+    reps: int,
+    tag: str,
 ) -> list[dict[str, Any]]:
     """Prepare the images the scenarios need, then every scenario x tool x repetition."""
     results: list[dict[str, Any]] = []
@@ -421,11 +447,24 @@ def run_all(
             for sc in chosen:
                 for rep in range(reps):
                     for tool in tools:
-                        rec = run_one(tool, sc, images[sc.image], Path(scratch), a.timeout, a.keep)
+                        spy = a.out / f"{tag}-profile-{sc.name}-rep{rep}" if a.profile else None
+                        rec = run_one(
+                            tool, sc, images[sc.image], Path(scratch), a.timeout, a.keep, spy
+                        )
                         rec["rep"] = rep
                         results.append(rec)
                         _say(_line(rec))
     return results
+
+
+def _profiles(out: Path, tag: str) -> str:
+    """Summaries of every profile this set wrote, appended to TAG.md."""
+    text = "\n## Where fleetcast's time goes (py-spy, all threads)\n"
+    for path in sorted(out.glob(f"{tag}-profile-*.txt")):
+        text += f"\n### {path.stem}\n\n" + profile.summarize(path)
+    with open(out / f"{tag}.md", "a") as f:
+        f.write(text)
+    return text
 
 
 @contextlib.contextmanager

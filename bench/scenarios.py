@@ -66,7 +66,7 @@ def quick_matrix() -> list[Scenario]:
 
 
 def select(scenarios: Sequence[Scenario], patterns: Sequence[str] | None) -> list[Scenario]:
-    """Scenarios whose name contains any of ``patterns`` (all when None or empty).
+    """Scenarios named exactly, else containing, any of ``patterns`` (all when None or empty).
 
     A pattern that is a full scenario name not in the matrix (e.g. ``realistic-n2-loss5``)
     is parsed and added, so any lab can be run by name. Raises ValueError for a name that
@@ -76,7 +76,7 @@ def select(scenarios: Sequence[Scenario], patterns: Sequence[str] | None) -> lis
         return list(scenarios)
     chosen: list[Scenario] = []
     for pat in patterns:
-        hits = [s for s in scenarios if pat in s.name]
+        hits = [s for s in scenarios if s.name == pat] or [s for s in scenarios if pat in s.name]
         if not hits:
             hits = [parse(pat)]
         chosen += [s for s in hits if s not in chosen]
