@@ -204,28 +204,30 @@ def enroll(agent: Agent, params: BootParams) -> None:
     say(f"enrolled with {params.server} as machine {mid}")
 
 
-def refuse(agent: Agent, reason: str) -> None:
-    """Tell the server this machine refuses its session (when one is assigned)."""
+def refuse(agent: Agent, session_id: int, reason: str) -> None:
+    """Tell the server this machine refuses ``session_id`` (0: the one assigned, if any
+    within a minute): the machine ends ``failed`` with ``reason`` in its session."""
     assert agent.api is not None
-    agent.options.wait = 60.0
     try:
-        job = agent.wait_assignment()
-        body = {"session_id": int(job["session_id"]), "result": "refused", "reason": reason}
-        status, _ = agent.api.call("POST", "/api/agent/result", body)
-        say(f"told the server (HTTP {status})")
+        if not session_id:
+            agent.options.wait = 60.0
+            session_id = int(agent.wait_assignment()["session_id"])
+        body = {"session_id": session_id, "result": "refused", "reason": reason[:2048]}
+        status, reply = agent.api.call("POST", "/api/agent/result", body)
+        say(f"told the server (HTTP {status}: {reply})")
     except AgentError as exc:
         say(f"could not tell the server: {exc}")
 
 
-def deploy(params: BootParams) -> bool:
+def deploy(params: BootParams, sys_block: Path = Path("/sys/block")) -> bool:
     """Enroll, find the disk, receive; True when the server recorded success."""
     agent = ConsoleAgent(AgentOptions(server=params.server, token=params.token, target=""))
     enroll(agent, params)
     try:
-        disk = pick_disk(params.disk, list_disks())
+        disk = pick_disk(params.disk, list_disks(sys_block))
     except BootError as exc:
         say(f"REFUSED: {exc}")
-        refuse(agent, str(exc))
+        refuse(agent, params.session, str(exc))
         return False
     agent.options.target = f"/dev/{disk.name}"
     say(f"target disk {disk.describe()}; waiting for the deployment")
