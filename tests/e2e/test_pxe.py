@@ -104,7 +104,13 @@ def test_two_machines_pxe_boot_get_imaged_over_multicast_and_boot_their_disks(
     assert r.status_code == 201, r.text
     session_id = r.json()["id"]
 
+    created = time.monotonic()
+    enrolled: dict[str, float] = {}
+
     def ended() -> dict[str, Any] | None:
+        for vm in vms:  # when each client came up, for the timings printed below
+            if vm.name not in enrolled and "fleetcast: enrolled with" in vm.console():
+                enrolled[vm.name] = time.monotonic() - created
         assert pl.server.api is not None
         detail: dict[str, Any] = pl.server.api.get(f"/api/sessions/{session_id}").json()
         return detail if detail["state"] not in ("pending", "running") else None
@@ -131,7 +137,9 @@ def test_two_machines_pxe_boot_get_imaged_over_multicast_and_boot_their_disks(
         assert file_sha256(vm.disk) == hashlib.sha256(disk.read_bytes()).digest()
     kinds = [e["kind"] for e in api.get("/api/events", params={"kind": "machine.boot"}).json()]
     assert len(kinds) >= 3 * MACHINES  # registered, deploy, then local disk, per machine
+    clients = ", ".join(f"{t:.0f}" for t in sorted(enrolled.values()))
     print(
         f"\nPXE lab ({pl.accel}): registered {registered:.0f} s, imaged {deployed:.0f} s, "
-        f"marker {booted:.0f} s after power-on"
+        f"marker {booted:.0f} s after power-on; clients enrolled {clients} s after the "
+        "session was created"
     )
