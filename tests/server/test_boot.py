@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from apitest import *  # noqa: F403
@@ -221,3 +223,31 @@ def test_the_start_script_asks_for_this_machines_script_by_mac(api: Api) -> None
     assert "http://testserver/boot/ipxe?mac=${netX/mac}&" in chain
     assert "manufacturer=${manufacturer:uristring}" in chain
     assert "sanboot --no-describe --drive 0x80" in text  # the server did not answer: the disk
+
+
+def test_enabling_boot_opens_only_the_boot_routes(api: Api) -> None:
+    from fastapi.routing import APIRoute
+
+    from server.api.deps import PUBLIC_ROUTES
+    from server.api.routes.boot import BOOT_PUBLIC_ROUTES
+
+    def flatten(routes: list[Any]) -> list[Any]:
+        out: list[Any] = []
+        for route in routes:
+            inner = getattr(route, "original_router", None)
+            out += flatten(list(inner.routes)) if inner is not None else [route]
+        return out
+
+    routes = [
+        (method, route.path)
+        for route in flatten(list(api.client.app.routes))  # type: ignore[attr-defined]
+        if isinstance(route, APIRoute)
+        for method in route.methods - {"HEAD", "OPTIONS"}
+    ]
+    assert set(routes) >= BOOT_PUBLIC_ROUTES
+    for method, path in routes:
+        if (method, path) in PUBLIC_ROUTES | BOOT_PUBLIC_ROUTES:
+            continue
+        concrete = re.sub(r"\{[^}]+\}", "1", path)
+        r = api.client.request(method, concrete, json={})
+        assert r.status_code == 401, f"{method} {path} answered without a token"
