@@ -47,7 +47,10 @@ def server_main(argv: Sequence[str]) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     config = uvicorn.Config(
-        create_app(settings), log_level=args.log_level, timeout_graceful_shutdown=20
+        create_app(settings),
+        log_level=args.log_level,
+        timeout_graceful_shutdown=20,
+        timeout_keep_alive=30,  # clients (dashboards, bench) reuse connections
     )
     try:
         sockets = _listen(args.host or settings.host, args.port or settings.port, args.uds)
