@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+
 from protocol.config import EngineConfig
 
 #: Debt below one byte counts as none, so float rounding cannot stall the pacer at its timer.
@@ -119,3 +121,32 @@ class Pacer:
     def _set_rate(self, now: float, rate: int) -> None:
         self._refill(now)
         self.rate_bps = max(self._config.min_rate_bps, rate)
+
+
+class SendLog:
+    """When our datagrams left, to tell how late a receiver reads (§5).
+
+    Sequence numbers here never wrap (``total``); wire seqs are their low 32 bits.
+    """
+
+    __slots__ = ("_log", "total")
+
+    def __init__(self) -> None:
+        self.total = 0  #: datagrams numbered so far
+        self._log: list[tuple[int, float]] = []  #: (last seq of a Transmit, when it left)
+
+    def numbered(self, n: int) -> None:
+        self.total += n
+
+    def sent(self, now: float) -> None:
+        """The Transmit whose last datagram was numbered last left at ``now``."""
+        self._log.append((self.total - 1, now))
+        if len(self._log) > 8192:
+            del self._log[:4096]
+
+    def lag(self, seen: int, seq: int, now: float) -> float:
+        """How long the first Transmit after ``seen`` (a receiver's highest wire seq read)
+        has been waiting for it; ``seq`` is our next wire seq. 0 when it read everything."""
+        seen_total = self.total - ((seq - seen) & 0xFFFFFFFF)
+        i = bisect.bisect_right(self._log, (seen_total, float("inf")))
+        return max(0.0, now - self._log[i][1]) if i < len(self._log) else 0.0

@@ -6,7 +6,6 @@ returns, calls ``handle_timer`` at ``get_timer()``, and drains ``next_event``.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import logging
 import random
@@ -30,7 +29,7 @@ from protocol.events import (
 )
 from protocol.manifest import BlockKind, Manifest
 from protocol.members import Member, MemberState, ReplayWindow
-from protocol.pacing import Pacer
+from protocol.pacing import Pacer, SendLog
 from protocol.rangeset import RangeSet
 from protocol.retry import Retry
 from protocol.scheduler import POLL_INTERVAL, Need, Scheduler, unseen
@@ -101,9 +100,7 @@ class SenderSession:
         self._max_wait = max_wait
         self._instance = rng.randrange(1, 1 << 32)
         self._seq = 0
-        self._seq_total = 0  # never wraps: to place a receiver's seen in _send_log
-        #: (last seq of a Transmit, unwrapped; when it left), ascending
-        self._send_log: list[tuple[int, float]] = []
+        self._send_log = SendLog()
         self._state = SenderState.WAITING
         self._outcome = ""
         self._outcome_reason = ""
@@ -336,17 +333,13 @@ class SenderSession:
         if any(m.last_status_time > self._last_rate_update for m in reports):
             self._pacer.adjust(now, [(m.loss, m.rx_bps, m.lag) for m in reports])
             self._last_rate_update = now
-            self._mark_outliers(reports)
-
-    def _mark_outliers(self, reports: list[Member]) -> None:
-        """Flag receivers losing far more than the group (a slow port, a busy CPU)."""
-        losses = sorted(m.loss for m in reports)
-        q = self._config.rate_quantile
-        self._group_loss = losses[int(q * (len(losses) - 1))] if losses else 0.0
-        for m in self._members.values():
-            self._judge(m)
+            losses = sorted(m.loss for m in reports)
+            self._group_loss = losses[int(self._config.rate_quantile * (len(losses) - 1))]
+            for m in self._members.values():
+                self._judge(m)
 
     def _judge(self, m: Member) -> None:
+        """Flag a receiver losing far more than the group (a slow port, a busy CPU) (§4.3)."""
         active = sum(1 for x in self._members.values() if x.active)
         bound = max(self._config.loss_threshold, 2 * self._group_loss)
         m.outlier = active > 1 and max(m.loss, m.nak_loss) > bound
@@ -511,7 +504,7 @@ class SenderSession:
         last_sent = (self._seq - 1) & 0xFFFFFFFF
         if unseen(msg.seen, m.seen) and not unseen(msg.seen, last_sent):
             m.seen = msg.seen  # how far into our stream it has read (§4.2)
-        m.lag = self._lag(m.seen, now)
+        m.lag = self._send_log.lag(m.seen, self._seq, now)
         m.loss = msg.loss
         m.blocks_done = min(msg.blocks_done, m.blocks_total)
         m.bytes_done = msg.bytes_done
@@ -573,18 +566,8 @@ class SenderSession:
     def _next_seq(self, n: int = 1) -> int:
         seq = self._seq
         self._seq = (self._seq + n) & 0xFFFFFFFF
-        self._seq_total += n
+        self._send_log.numbered(n)
         return seq
-
-    def _lag(self, seen: int, now: float) -> float:
-        """How long the first Transmit the receiver had not read yet (after ``seen``) has been
-        waiting: its queueing delay plus the path. 0 when it has read all we sent."""
-        seen_total = self._seq_total - ((self._seq - seen) & 0xFFFFFFFF)
-        log = self._send_log
-        i = bisect.bisect_right(log, (seen_total, float("inf")))
-        if i == len(log):
-            return 0.0
-        return max(0.0, now - log[i][1])
 
     def _multicast(self, ptype: PacketType, body: bytes) -> Transmit:
         hdr = wire.Header(ptype, self._session_id, 0, self._instance, self._next_seq())
@@ -641,9 +624,7 @@ class SenderSession:
             t = sched.pop_transmit()
             self._pacer.consume(len(t.data))
             out.append(t)
-            self._send_log.append((self._seq_total - 1, now))
-            if len(self._send_log) > 8192:
-                del self._send_log[:4096]
+            self._send_log.sent(now)
 
     def _summary(self, now: float) -> dict[str, Any]:
         states = Counter(m.state.value for m in self._members.values())
