@@ -219,7 +219,11 @@ def import_csv(db: DbSession, text: str) -> CsvImportResult:
 def _parse_csv(text: str) -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     seen: dict[str, int] = {}
-    for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as exc:
+        raise Invalid(f"not a CSV file of MAC,name,group lines: {exc}") from None
+    for lineno, row in enumerate(rows, start=1):
         cells = [c.strip() for c in row]
         if not cells or not any(cells) or cells[0].startswith("#"):
             continue

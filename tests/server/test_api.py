@@ -288,3 +288,11 @@ def test_progress_is_buffered_then_written_and_a_cancel_reaches_the_agent(api: A
         assert time.monotonic() < deadline, "the agent was never told to stop"
         time.sleep(0.05)
     assert "cancelled by user:admin" in str(reply["reason"])
+
+
+def test_csv_that_is_not_csv_gets_a_400(api: Api) -> None:
+    for body in ("\r\xf1\x8b", 'a,"unterminated\n', "52:54:00:00:00:09,a,b,c\n"):
+        r = api.post(
+            "/api/machines/import", content=body.encode(), headers={"Content-Type": "text/csv"}
+        )
+        assert r.status_code == 400, (body, r.text)
