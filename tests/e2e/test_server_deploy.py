@@ -7,6 +7,7 @@ log tells the story, and every target file is byte-identical to the image.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,28 @@ def server_lab(
         sl.close()
 
 
+class LiveEvents:
+    """Reads the server's SSE stream in a thread until an event of kind ``until``."""
+
+    def __init__(self, sl: ServerLab, until: str) -> None:
+        assert sl.api is not None
+        self.kinds: list[str] = []
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(sl, until), daemon=True)
+        self.thread.start()
+        assert self.ready.wait(10), "the event stream did not open"
+
+    def _read(self, sl: ServerLab, until: str) -> None:
+        assert sl.api is not None
+        with sl.api.stream("GET", "/api/events/stream", timeout=60) as r:
+            self.ready.set()
+            for line in r.iter_lines():
+                if line.startswith("event: "):
+                    self.kinds.append(line.removeprefix("event: "))
+                    if self.kinds[-1] == until:
+                        return
+
+
 def _machines(sl: ServerLab) -> list[dict[str, Any]]:
     assert sl.api is not None
     r = sl.api.get("/api/machines")
@@ -53,6 +76,7 @@ def test_a_session_created_through_the_api_deploys_to_four_agents(
     assert {m["address"] for m in machines} == {n.address for n in sl.lab.receivers}
     assert all(m["inventory"]["nics"] for m in machines)
 
+    live = LiveEvents(sl, until="session.succeeded")
     r = api.post(
         "/api/sessions",
         json={
@@ -95,6 +119,11 @@ def test_a_session_created_through_the_api_deploys_to_four_agents(
     assert all(
         m["last_outcome"] == "succeeded" and m["last_image_id"] == detail["image_id"]
         for m in after.values()
+    )
+    live.thread.join(30)
+    assert live.kinds[-1] == "session.succeeded", live.kinds
+    assert {"session.running", "machine.receiving", "machine.progress", "machine.succeeded"} <= set(
+        live.kinds
     )
     metrics = api.get("/metrics").text
     assert 'fleetcast_sessions{state="succeeded"} 1.0' in metrics
