@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlmodel import Session as DbSession
@@ -385,10 +386,12 @@ def result(
         elif res.bytes_done != image.data_bytes:
             state = "failed"
             reason = f"the agent verified {res.bytes_done} of {image.data_bytes} data bytes"
+    row.started_at = row.started_at or row.assigned_at or utcnow()
     if state == "succeeded":
         row.bytes_done = res.bytes_done
         row.blocks_done = res.blocks_done
-    row.started_at = row.started_at or row.assigned_at or utcnow()
+        seconds = (utcnow() - _aware(row.started_at)).total_seconds()
+        row.rate_bps = res.bytes_done * 8 / seconds if seconds > 0 else 0.0  # the average
     actor = f"machine:{machine_id}"
     _set_machine_state(db, bus, row, state, reason, actor, stats=res.stats)
     m = db.get(Machine, machine_id)
@@ -399,6 +402,11 @@ def result(
             m.last_image_id, m.last_deployed_at = s.image_id, utcnow()
         db.add(m)
     return state
+
+
+def _aware(t: datetime) -> datetime:
+    """SQLite hands back naive UTC datetimes."""
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 # -- the one place states change ----------------------------------------------------------
