@@ -205,3 +205,40 @@ def test_after_kill_9_the_session_ends_failed_and_a_rerun_completes(
     assert done["state"] == "succeeded", done
     for target in targets:
         assert file_sha256(target) == small_image.sha256
+
+
+def test_two_sessions_run_at_once_without_cross_talk(
+    server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
+) -> None:
+    sl = server_lab
+    api = sl.start()
+    targets = {n.address: tmp_path / f"{n.name}.img" for n in sl.lab.receivers}
+    agents = [sl.agent(n, targets[n.address]) for n in sl.lab.receivers]
+    machines = sl.wait_for("4 agents", lambda: len(_machines(sl)) == AGENTS and _machines(sl), 60)
+    halves = [machines[:2], machines[2:]]
+    sids = []
+    for half in halves:
+        r = api.post(
+            "/api/sessions",
+            json={
+                "image": small_image.name,
+                "machine_ids": [m["id"] for m in half],
+                "start_policy": {"max_wait": 60},
+            },
+        )
+        assert r.status_code == 201, r.text
+        sids.append(r.json()["id"])
+    a, b = (api.get(f"/api/sessions/{sid}").json() for sid in sids)
+    assert (a["mcast_group"], a["mcast_port"]) != (b["mcast_group"], b["mcast_port"])
+
+    def both_ended() -> list[dict[str, Any]] | None:
+        ds = [api.get(f"/api/sessions/{sid}").json() for sid in sids]
+        return ds if all(d["state"] not in ("pending", "running") for d in ds) else None
+
+    for d, half in zip(sl.wait_for("both sessions to end", both_ended, 120), halves, strict=True):
+        assert d["state"] == "succeeded", d
+        assert {m["machine_id"] for m in d["machines"]} == {m["id"] for m in half}
+    for node, proc in zip(sl.lab.receivers, agents, strict=True):
+        assert sl.lab.wait(proc, 30) == 0, sl.log(node.name)
+    for target in targets.values():
+        assert file_sha256(target) == small_image.sha256
