@@ -17,7 +17,9 @@ from protocol.rangeset import RangeSet
 from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, Transmit
 
 POLL_INTERVAL = 0.05
-SWEEP_SCAN_LIMIT = 4096
+#: Objects skipped per receiver per look (those it has not read yet): past this, wait for
+#: its next STATUS rather than burn CPU on every call.
+SWEEP_SCAN_LIMIT = 64
 SEQ_MASK = 0xFFFFFFFF
 
 

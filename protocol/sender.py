@@ -119,6 +119,7 @@ class SenderSession:
         self._control: list[Transmit] = []
         self._group_loss = 0.0
         self._blocked = False
+        self._idle = False  # the last look found nothing to send, and nothing changed since
         self._pacer = Pacer(config, now)
         self._next_announce = now
         self._next_poll = now
@@ -176,6 +177,7 @@ class SenderSession:
         try:
             self._receive(data, addr, now)
             self._counts["accepted"] += 1
+            self._idle = False  # what receivers need may have changed
         except WireError as exc:
             self._dropped[exc.reason] += 1
         except Exception:  # a bug must not kill the session; the fuzz test keeps this at 0
@@ -282,6 +284,7 @@ class SenderSession:
         waited = self._max_wait is not None and now - self._started_at >= self._max_wait
         if joined >= self._min_receivers or (waited and joined > 0):
             self._transfer_started_at = now
+            self._idle = False
             self._set_state(SenderState.TRANSFERRING)
             self._next_announce = now
             self._events.append(TransferStarted(sum(1 for m in self._members.values() if m.active)))
@@ -598,10 +601,17 @@ class SenderSession:
         out: list[Transmit] = []
         self._blocked = False
         sched = self._sched
-        sched.idle_until = None
         if self._state not in (SenderState.WAITING, SenderState.TRANSFERRING):
             sched.pending.clear()
+            sched.idle_until = None
             return out
+        if (
+            self._idle
+            and not sched.pending
+            and (sched.idle_until is None or now < sched.idle_until)
+        ):
+            return out  # nothing changed since the last look found nothing to send
+        sched.idle_until = None
         sweeping = self._state is SenderState.TRANSFERRING
         # A receiver silent for a while (dead, or starved) is not served until it speaks
         # again; it is evicted at receiver_timeout (§7).
@@ -614,7 +624,9 @@ class SenderSession:
         limit = None if self._pacer.paced else self._config.max_transmits_per_call
         while True:
             if not sched.pending and not sched.fill(now, sweeping, needs):
+                self._idle = True
                 return out
+            self._idle = False
             if not self._pacer.ready(now):
                 self._blocked = True
                 return out
