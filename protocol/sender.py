@@ -166,6 +166,8 @@ class SenderSession:
             "rate_bps": self._pacer.rate_bps,
             "passes": self._sched.passes,
             **dict(self._counts),
+            "retransmitted_datagrams": self._counts["repair_datagrams"]
+            + self._counts["resweep_datagrams"],
             "dropped": dict(self._dropped),
             "receivers": {rid: m.summary() for rid, m in self._members.items()},
         }
