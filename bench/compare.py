@@ -38,7 +38,7 @@ from typing import Any
 from bench import profile, report, scenarios
 from bench.disks import make_random_disk, make_realistic_disk, parse_size
 from bench.lab import Lab, LabError, Node, require_lab_support
-from bench.peers import ROOT, Launched, PreparedImage, RunContext, Tool, all_tools
+from bench.peers import ROOT, Fleetcast, Launched, PreparedImage, RunContext, Tool, all_tools
 from bench.slowdisk import SlowDisk
 from server.images.store import ImageStore
 
@@ -371,6 +371,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="py-spy the fleetcast sender and r0 of each run (results in --out)",
     )
+    p.add_argument(
+        "--fleetcast-arg",
+        action="append",
+        metavar="ARG",
+        help="extra argument for 'fleetcast send' (repeat: --fleetcast-arg=--rate "
+        "--fleetcast-arg=900M)",
+    )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p.parse_args(argv)
 
@@ -401,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reps = a.reps or (1 if a.quick else 3)
     tools = choose_tools(a.tools)
+    for t in tools:
+        if isinstance(t, Fleetcast) and a.fleetcast_arg:
+            t.sender_args = tuple(a.fleetcast_arg)
     try:
         require_lab_support()
     except LabError as exc:
