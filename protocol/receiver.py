@@ -54,6 +54,8 @@ _DATA_MIN = wire.DATA_OVERHEAD
 _DATA = int(PacketType.DATA)
 _TAG = wire.TAG_SIZE
 _compare = hmac.compare_digest
+#: How long to wait for an ABORT's reason once an ANNOUNCE says the session was aborted.
+ABORT_GRACE = 0.5
 _mac = wire._mac
 
 
@@ -139,6 +141,7 @@ class ReceiverSession:
         self._nak_at: float | None = None
         self._last_nak = -1e9
         self._control: Retry | None = None  # DONE or LEAVE
+        self._abort_deadline: float | None = None  # an ABORT's reason is on its way
         self._leave: tuple[wire.LeaveCode, str, bool] | None = None
         self._leave_repeats = 0
         self._meter = Meter(0, now)  # loss and rates between STATUS reports
@@ -226,7 +229,11 @@ class ReceiverSession:
         if self._state is ReceiverState.CLOSED:
             return None
         retries = (r.next for r in (self._join, self._control) if r is not None)
-        times = [t for t in (self._next_status, self._nak_at, *retries) if t is not None]
+        times = [
+            t
+            for t in (self._next_status, self._nak_at, self._abort_deadline, *retries)
+            if t is not None
+        ]
         if self._state is ReceiverState.LISTENING:
             if self._config.listen_timeout is not None:
                 times.append(self._created + self._config.listen_timeout)
@@ -348,6 +355,12 @@ class ReceiverSession:
 
     def _check_timeouts(self, now: float) -> bool:
         cfg = self._config
+        if self._abort_deadline is not None and now >= self._abort_deadline:
+            if self._state in (ReceiverState.LEAVING, ReceiverState.CLOSED):
+                self._abort_deadline = None
+            else:
+                self._abort("the sender aborted the session (its reason was lost on the way)")
+                return True
         if self._state is ReceiverState.LISTENING:
             if cfg.listen_timeout is not None and now - self._created >= cfg.listen_timeout:
                 self._abort(
@@ -431,7 +444,9 @@ class ReceiverSession:
             ReceiverState.VERIFIED,
         ):
             if msg.flags & wire.ANNOUNCE_ABORTED:
-                self._abort("the sender aborted the session (its reason was lost on the way)")
+                # Its ABORT was lost; another copy with the reason is due shortly (§3.4).
+                if self._abort_deadline is None:
+                    self._abort_deadline = now + ABORT_GRACE
             else:
                 self._abort("the sender ended the session before this receiver completed")
 
