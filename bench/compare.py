@@ -113,6 +113,7 @@ class Poller:
         self.usage: dict[str, tuple[float, int]] = {}  # name -> (CPU s, peak RSS KiB)
         self.at: dict[str, float] = {}  # name -> seconds after t0 when it exited/completed
         self.hwm: dict[str, int] = {}  # name -> peak RSS in KiB, sampled from /proc
+        self.stopped: set[str] = set()  # processes the harness had to stop
 
     def sample(self) -> None:
         """Note each live process's peak RSS (VmHWM, its own and its children's).
@@ -139,6 +140,7 @@ class Poller:
         """Stop ``name`` by its PID (SIGTERM, then SIGKILL) and keep its usage."""
         if self.poll(name):
             return
+        self.stopped.add(name)
         proc = self.procs[name]
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, sig)
@@ -307,7 +309,9 @@ def _record(
     all_verified = all(r["verified"] for r in receivers)
     expected = [r for r in receivers if not (sc.fault == "kill" and r["faulted"])]
     ok = all(r["verified"] for r in expected)
-    truthful = None if tool.sender_is_server else ((sender_exit == 0) == all_verified)
+    # A sender the harness had to stop (still running at --timeout) gave no verdict.
+    stalled = "sender" in poller.stopped and not tool.sender_is_server
+    truthful = None if tool.sender_is_server or stalled else (sender_exit == 0) == all_verified
     return {
         "tool": tool.name,
         "scenario": sc.name,
@@ -327,6 +331,7 @@ def _record(
             "peak_rss_kib": rss,
         },
         "sender_truthful": truthful,
+        "sender_stalled": stalled,
         "receivers": receivers,
         "wire_bytes": wire,
         "payload_once": tool.payload_once(ctx.image),

@@ -48,6 +48,7 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "runs": len(runs),
         "ok": sum(r["all_expected_verified"] for r in runs),
         "truthful": [r["sender_truthful"] for r in runs],
+        "stalled": sum(1 for r in runs if r.get("sender_stalled")),
         "wall": wall,
         "others": med(lambda r: r["others_s"]),
         "start": med(lambda r: r.get("first_data_s")),
@@ -69,7 +70,11 @@ def _f(v: float | None, fmt: str = "{:.2f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
-def _truth(values: list[bool | None]) -> str:
+def _truth(values: list[bool | None], stalled: int = 0) -> str:
+    """``k/n`` runs whose sender's exit status was true; stalled senders gave none."""
+    if stalled:
+        told = [v for v in values if v is not None]
+        return f"{sum(1 for v in told if v)}/{len(told)}, {stalled} stalled"
     if all(v is None for v in values):
         return "n/a"
     return f"{sum(1 for v in values if v)}/{len(values)}"
@@ -92,8 +97,8 @@ def table(runs: list[Run]) -> str:
         if s["faulted"] is not None or s["others"] != s["wall"]:
             extra = f" (others {_f(s['others'])}, r0 {_f(s['faulted'])})"
         rows.append([
-            sc, tool, f"{s['ok']}/{s['runs']}", _truth(s["truthful"]), _f(s["wall"]) + extra,
-            _f(s["start"]),
+            sc, tool, f"{s['ok']}/{s['runs']}", _truth(s["truthful"], s["stalled"]),
+            _f(s["wall"]) + extra, _f(s["start"]),
             _f(ratio), _f(s["mbps"], "{:.0f}"), _f(s["wire"] and s["wire"] / MIB, "{:.0f}"),
             _f(s["wire"] and s["wire"] / max(1, s["payload"])), _f(s["retrans"], "{:.1%}"),
             _f(s["naks"], "{:.0f}"), _f(s["sender_cpu"]), _f(s["recv_cpu"]),
@@ -203,3 +208,29 @@ def write(meta: dict[str, Any], runs: list[Run], out: Path, tag: str) -> str:
     text += "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs)
     (out / f"{tag}.md").write_text(text)
     return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report bench/results/TAG.json``: rewrite TAG.md and its charts."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m bench.report RESULTS.json", file=sys.stderr)
+        return 2
+    path = Path(args[0])
+    data = json.loads(path.read_text())
+    for r in data["runs"]:
+        if "sender_stalled" not in r:  # sets written before the harness recorded it
+            stopped = r["tool"] != "http" and r["sender"]["exit"] in (-15, -9, None)
+            r["sender_stalled"] = stopped
+            if stopped:
+                r["sender_truthful"] = None
+    path.write_text(json.dumps(data, indent=1))
+    print(write(data["meta"], data["runs"], path.parent, path.stem))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
