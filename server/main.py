@@ -42,6 +42,7 @@ from server.services.images import sync_store
 from server.services.progress import ProgressBuffer
 from server.services.runner import SessionManager
 from server.services.sessions import fail_interrupted
+from server.web import install as install_dashboard
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    install_dashboard(app, _service_error)  # the web pages under /ui (issue 6)
     return app
 
 

@@ -1,13 +1,16 @@
 """Shared dependencies: settings, database session, store, event bus, and who is calling.
 
 Every route declares exactly one of ``AdminDep`` (an admin's API token), ``MachineDep`` (a
-machine credential) or nothing (the explicitly public routes, listed in PUBLIC_ROUTES and
-checked by tests/server/test_api_auth.py).
+machine credential), ``WebDep`` (the dashboard's log-in cookie; pages under /ui) or nothing
+(the explicitly public routes, listed in PUBLIC_ROUTES and WEB_PUBLIC_ROUTES and checked by
+tests/server/test_api_auth.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request
@@ -132,3 +135,51 @@ OptId = Annotated[int | None, Query(ge=1, le=MAX_ID)]
 
 AdminDep = Annotated[Principal, Depends(require_admin)]
 MachineDep = Annotated[Principal, Depends(require_machine)]
+
+
+# -- the web dashboard: an admin token in an HttpOnly cookie ---------------------------------
+
+#: The dashboard's pages live under this prefix; its static files under WEB_STATIC.
+WEB_PREFIX = "/ui"
+WEB_STATIC = "/ui/static"
+#: The cookie holding the admin API token made at log-in (HttpOnly, SameSite=Strict).
+WEB_COOKIE = "fleetcast_session"
+#: (method, path) of the dashboard's pages that need no log-in.
+WEB_PUBLIC_ROUTES = {("GET", "/ui/login"), ("POST", "/ui/login")}
+
+
+class LoginRequired(Exception):
+    """A dashboard page was asked for without a valid log-in cookie (answered with a
+    redirect to the log-in page; server/web.py)."""
+
+
+@dataclass(frozen=True)
+class WebUser:
+    """The admin behind a dashboard request, and the cookie's token (its CSRF secret)."""
+
+    who: Principal
+    token: str
+
+    @property
+    def csrf(self) -> str:
+        """The per-log-in token every dashboard form carries (derived from the cookie)."""
+        return hashlib.sha256(b"fleetcast-csrf:" + self.token.encode()).hexdigest()[:32]
+
+
+def require_web_admin(request: Request, db: DbDep) -> WebUser:
+    """The admin logged in to the dashboard. Only the cookie counts (a bearer header does
+    not: pages are for browsers); a missing, unknown or revoked cookie raises LoginRequired,
+    a machine credential in it is 403."""
+    token = request.cookies.get(WEB_COOKIE, "")
+    if not token:
+        raise LoginRequired()
+    try:
+        who = resolve_token(db, token)
+    except Unauthorized:
+        raise LoginRequired() from None
+    if who.kind != "admin":
+        raise Forbidden("the dashboard is for admins; log in with a user name and password")
+    return WebUser(who, token)
+
+
+WebDep = Annotated[WebUser, Depends(require_web_admin)]
