@@ -72,7 +72,12 @@ def register_image(
             if not path.strip():
                 raise Invalid("give the path of a disk, device or image file on the server")
             svc.capture_into_store(
-                store, name.strip(), Path(path.strip()), mode=mode, level=settings.compression_level
+                store,
+                name.strip(),
+                Path(path.strip()),
+                mode=mode,
+                level=settings.compression_level,
+                all_blocks=False,
             )
         svc.register_existing(db, store, name.strip())
         record(db, bus, "image.added", actor=user.who.actor, message=f"image {name} ({mode})")
