@@ -73,6 +73,18 @@ class Settings(BaseSettings):
     #: Extra kernel arguments for the client, e.g. ``console=ttyS0,115200``.
     boot_kernel_args: str = Field(default="", pattern=r"^[A-Za-z0-9._~+/=:@%, -]*$")
 
+    # -- schedules and Wake-on-LAN (issue 5, docs/SCHEDULING.md) ---------------------------
+    #: Run the scheduler (schedules fire, machines are woken).
+    scheduler_enabled: bool = True
+    #: Seconds between the scheduler's looks at the schedules.
+    scheduler_tick: float = Field(default=5.0, ge=0.05, le=300.0)
+    #: Where magic packets go when a group names no broadcast address and port of its own.
+    wol_broadcast: str = Field(default="255.255.255.255", max_length=45)
+    wol_port: int = Field(default=9, ge=1, le=65535)
+    #: Each machine's magic packet is sent this many times, this many seconds apart.
+    wol_repeats: int = Field(default=3, ge=1, le=20)
+    wol_interval: float = Field(default=0.5, ge=0.0, le=10.0)
+
     @property
     def image_root(self) -> Path:
         """The image store's directory."""

@@ -8,7 +8,8 @@ live only on table models, never on a Public one.
 States (one table each, changed only through server/services/sessions.py):
 
 - Session: ``pending`` (created, waiting for start) -> ``running`` -> ``succeeded`` |
-  ``partial`` | ``failed`` | ``cancelled``.
+  ``partial`` | ``failed`` | ``cancelled`` | ``not-started`` (its start policy's maximum
+  wait or its maintenance window ended before the transfer started).
 - SessionMachine: ``pending`` -> ``assigned`` (its agent fetched the assignment) ->
   ``receiving`` -> ``succeeded`` | ``failed`` | ``evicted`` | ``cancelled`` | ``no-show``.
 """
@@ -29,7 +30,7 @@ MAX_ID = 2**31 - 1
 DbId = Annotated[int, Ge(1), Le(MAX_ID)]
 
 SESSION_ACTIVE = ("pending", "running")
-SESSION_ENDED = ("succeeded", "partial", "failed", "cancelled")
+SESSION_ENDED = ("succeeded", "partial", "failed", "cancelled", "not-started")
 SESSION_STATES = SESSION_ACTIVE + SESSION_ENDED
 MACHINE_ACTIVE = ("pending", "assigned", "receiving")
 MACHINE_ENDED = ("succeeded", "failed", "evicted", "cancelled", "no-show")
@@ -189,6 +190,9 @@ class Group(GroupBase, table=True):
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(index=True, unique=True, max_length=63)
     created_at: datetime = Field(default_factory=utcnow)
+    #: Wake-on-LAN: the lab's broadcast address and UDP port ("" / None: the server's)
+    wol_broadcast: str = Field(default="", max_length=45)
+    wol_port: int | None = None
 
 
 class GroupCreate(GroupBase):
@@ -208,6 +212,8 @@ class GroupUpdate(SQLModel):
 class GroupPublic(GroupBase):
     id: int
     created_at: datetime
+    wol_broadcast: str = ""
+    wol_port: int | None = None
     machine_ids: list[int] = []
 
 
@@ -285,16 +291,32 @@ class CsvImportResult(SQLModel):
 
 
 class StartPolicy(SQLModel):
-    """When the sender starts sending (issue 5 adds times, quiet periods and schedules).
+    """When the session opens, and when its transfer starts (server/services/policy.py).
 
-    ``start``: "now" (the sender starts when the session is created) or "manual" (on
-    POST /sessions/{id}/start). The engine then waits for ``min_receivers`` (default: every
-    target) at most ``max_wait`` seconds, and starts with those present.
+    ``start``: "now" (the sender opens when the session is created) or "manual" (on
+    POST /sessions/{id}/start). Once open, agents join and the transfer starts at the first
+    of: ``min_receivers`` joined (default: every target); the time ``at``; ``quiet_period``
+    seconds after the last join; the operator's POST /sessions/{id}/start; ``max_wait``
+    seconds after opening (then with those present if at least ``minimum`` joined, else the
+    session ends ``not-started``). ``not_after``: the maintenance window's end; a transfer
+    not started by then never starts, and one running then is cancelled when
+    ``at_window_end`` is "cancel" (else it runs on).
     """
 
     start: Literal["now", "manual"] = "now"
     min_receivers: int | None = Field(default=None, ge=1, le=10_000)
     max_wait: float = Field(default=300.0, ge=0.0, le=86_400.0)
+    minimum: int = Field(default=1, ge=1, le=10_000)
+    at: datetime | None = None
+    quiet_period: float | None = Field(default=None, ge=0.0, le=86_400.0)
+    not_after: datetime | None = None
+    at_window_end: Literal["run-on", "cancel"] = "run-on"
+
+    @field_validator("at", "not_after")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        """A time without a zone is UTC."""
+        return v.replace(tzinfo=UTC) if v is not None and v.tzinfo is None else v
 
 
 class SessionCreate(SQLModel):
@@ -326,6 +348,8 @@ class Session(SQLModel, table=True):
     rerun_of: int | None = Field(default=None, foreign_key="deploy_session.id")
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
+    #: when the transfer began (the start policy's decision); None while the sender waits
+    transfer_started_at: datetime | None = None
     ended_at: datetime | None = None
     #: counters of the sender at the end (bytes/datagrams sent, retransmissions, NAKs ...)
     stats: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
@@ -389,6 +413,7 @@ class SessionPublic(SQLModel):
     rerun_of: int | None
     created_at: datetime
     started_at: datetime | None
+    transfer_started_at: datetime | None = None
     ended_at: datetime | None
     stats: dict[str, Any]
     counts: dict[str, int] = {}
@@ -396,6 +421,115 @@ class SessionPublic(SQLModel):
 
 class SessionDetail(SessionPublic):
     machines: list[SessionMachinePublic] = []
+
+
+# -- schedules (issue 5, server/services/scheduler.py) --------------------------------------
+
+SCHEDULE_RUN_STATES = ("waking", "started", "missed", "failed")
+
+
+class ScheduleBase(SQLModel):
+    """A deployment to run at a date and time (``once``), by a cron expression (``cron``) or
+    on weekdays at a time (``weekly``), in the IANA time zone ``timezone``."""
+
+    name: str = Field(max_length=63)
+    image: str = Field(min_length=1, max_length=128)
+    group_id: DbId | None = None
+    machine_ids: list[DbId] = Field(default_factory=list, max_length=10_000)
+    #: the sessions' start policy; the schedule sets its window end (not_after)
+    start_policy: StartPolicy = Field(default_factory=StartPolicy)
+    rate_bps: int | None = Field(default=None, ge=8192, le=100_000_000_000)
+    kind: Literal["once", "cron", "weekly"] = "weekly"
+    #: once: local date and time, ``2026-11-29T02:00``
+    once_at: str = Field(default="", max_length=32)
+    #: cron: five fields, ``0 2 * * sun``
+    cron: str = Field(default="", max_length=128)
+    #: weekly: 0 = Monday .. 6 = Sunday, at ``time`` (HH:MM)
+    weekdays: list[Annotated[int, Ge(0), Le(6)]] = Field(default_factory=list, max_length=7)
+    time: str = Field(default="", max_length=5)
+    timezone: str = Field(default="UTC", max_length=64)
+    #: maintenance window end, local HH:MM (the first such time after a run's start); "": none
+    window_end: str = Field(default="", max_length=5)
+    #: a session still running at the window end: "run-on" or "cancel"
+    on_window_end: Literal["run-on", "cancel"] = "run-on"
+    #: seconds before a run at which the machines are woken (0: no Wake-on-LAN)
+    wake_lead: float = Field(default=0.0, ge=0.0, le=7200.0)
+    #: a run missed while the server was down still runs this many seconds late; else missed
+    grace: float = Field(default=900.0, ge=0.0, le=86_400.0)
+    enabled: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v, "schedule name")
+
+
+class Schedule(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(index=True, unique=True, max_length=63)
+    image: str = Field(max_length=128)
+    group_id: int | None = Field(default=None, foreign_key="machine_group.id")
+    machine_ids: list[int] = Field(default_factory=list, sa_column=json_column())
+    start_policy: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
+    rate_bps: int | None = Field(default=None, sa_type=BigInteger)
+    kind: str = Field(max_length=8)
+    once_at: str = Field(default="", max_length=32)
+    cron: str = Field(default="", max_length=128)
+    weekdays: list[int] = Field(default_factory=list, sa_column=json_column())
+    time: str = Field(default="", max_length=5)
+    timezone: str = Field(default="UTC", max_length=64)
+    window_end: str = Field(default="", max_length=5)
+    on_window_end: str = Field(default="run-on", max_length=8)
+    wake_lead: float = 0.0
+    grace: float = 900.0
+    enabled: bool = True
+    next_run_at: datetime | None = None  #: UTC; None: no run to come
+    created_by: str = Field(default="", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ScheduleCreate(ScheduleBase):
+    pass
+
+
+class SchedulePublic(ScheduleBase):
+    id: int
+    next_run_at: datetime | None
+    created_by: str
+    created_at: datetime
+
+
+class ScheduleRun(SQLModel, table=True):
+    """One due time of a schedule, and what became of it (the schedule's history)."""
+
+    __tablename__ = "schedule_run"
+    id: int | None = Field(default=None, primary_key=True)
+    schedule_id: int = Field(foreign_key="schedule.id", index=True)
+    due_at: datetime  #: UTC
+    state: str = Field(max_length=16)  #: SCHEDULE_RUN_STATES
+    reason: str = Field(default="", max_length=2048)
+    session_id: int | None = Field(default=None, foreign_key="deploy_session.id")
+    woken: int = 0  #: machines sent magic packets
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class ScheduleRunPublic(SQLModel):
+    id: int
+    schedule_id: int
+    due_at: datetime
+    state: str
+    reason: str
+    session_id: int | None
+    woken: int
+    created_at: datetime
+    session_state: str = ""
+
+
+class GroupWake(SQLModel):
+    """A group's Wake-on-LAN target: broadcast address ("" : the server's) and UDP port."""
+
+    wol_broadcast: str = Field(default="", max_length=45)
+    wol_port: int | None = Field(default=None, ge=1, le=65535)
 
 
 # -- agents -----------------------------------------------------------------------------------

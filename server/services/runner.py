@@ -26,15 +26,20 @@ from server.db import db_session
 from server.events import EventBus
 from server.images.store import ImageStore, StoreError
 from server.metrics import Metrics
-from server.models import MACHINE_ACTIVE, Session
+from server.models import MACHINE_ACTIVE, Session, StartPolicy
 from server.multicast.run import SendOptions, SendReport, SessionRunner
 from server.multicast.sender import SenderSocketError
 from server.services import sessions as svc
+from server.services.policy import NotStarted, StartNow, WaitState, evaluate
 from server.services.progress import ProgressBuffer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 STATS_INTERVAL = 1.0
+#: How often a waiting sender's start policy is evaluated (seconds).
+GATE_TICK = 0.2
+#: The engine's own start threshold while the server's start policy decides: never reached.
+HOLD = 1 << 30
 SHUTDOWN_REASON = "the server was stopped while the session was running; re-run the failed machines"
 
 
@@ -57,6 +62,11 @@ class SessionManager:
         self.tasks: dict[int, asyncio.Task[None]] = {}
         self.runners: dict[int, SessionRunner] = {}
         self._stopping = False
+        #: wall clock (seconds since the epoch) the start policies are evaluated with
+        self.clock: Callable[[], float] = time.time
+        self._forced: set[int] = set()
+        #: sessions the gate ended: session id -> ("not-started" | "cancelled", reason)
+        self._verdicts: dict[int, tuple[str, str]] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -70,6 +80,11 @@ class SessionManager:
     def stop(self, session_id: int) -> None:
         """Cancel the sender of ``session_id`` (its receivers are told)."""
         self._in_loop(self._stop, session_id)
+
+    def force_start(self, session_id: int) -> None:
+        """Start the transfer of a waiting session with the machines present (the "now"
+        condition of the start policy)."""
+        self._in_loop(self._forced.add, session_id)
 
     def _in_loop(self, fn: Callable[[int], None], session_id: int) -> None:
         loop = self.loop
@@ -118,18 +133,24 @@ class SessionManager:
         report: SendReport | None = None
         reason = ""
         try:
-            runner = await self._db(self._prepare, session_id)
+            runner, policy, targets = await self._db(self._prepare, session_id)
             self.runners[session_id] = runner
-            stats_task = asyncio.get_running_loop().create_task(self._watch(session_id, runner))
+            loop = asyncio.get_running_loop()
+            run_task = loop.create_task(runner.run())
+            stats_task = loop.create_task(self._watch(session_id, runner))
+            gate = loop.create_task(self._gate(session_id, runner, run_task, policy, targets))
             try:
-                report = await runner.run()
+                report = await run_task
             finally:
                 stats_task.cancel()
+                gate.cancel()
                 self._count(runner)
             log.info("session %d: sender ended: %s", session_id, report.outcome)
             await self._await_results(session_id)
         except asyncio.CancelledError:
             reason = SHUTDOWN_REASON if self._stopping else "cancelled"
+            if session_id in self._verdicts and not self._stopping:
+                reason = "gate"
             report = self.runners[session_id].report if session_id in self.runners else None
         except (SenderSocketError, StoreError, _NotRunnable) as exc:
             reason = f"the sender could not run: {exc}"
@@ -139,9 +160,10 @@ class SessionManager:
             reason = f"internal error in the session runner: {exc!r}"
         finally:
             self.runners.pop(session_id, None)
+            self._forced.discard(session_id)
         await asyncio.shield(self._db(self._finalize, session_id, report, reason))
 
-    def _prepare(self, db: Any, session_id: int) -> SessionRunner:
+    def _prepare(self, db: Any, session_id: int) -> tuple[SessionRunner, StartPolicy, int]:
         s = svc.get_session(db, session_id)
         if s.state != "running":
             raise _NotRunnable(f"session {session_id} is {s.state}")
@@ -151,24 +173,65 @@ class SessionManager:
                 "facing the lab and restart the server"
             )
         targets = len(svc.session_machines(db, session_id))
-        policy = s.start_policy
+        policy = StartPolicy.model_validate(s.start_policy)
         manifest_bytes, manifest = self.store.load_manifest(s.image_name)
         options = SendOptions(
             group=s.mcast_group,
             port=s.mcast_port,
             iface=self.settings.multicast_iface,
             key=bytes.fromhex(s.key_hex),
-            min_receivers=min(int(policy.get("min_receivers") or targets), targets),
-            max_wait=float(policy.get("max_wait", 300.0)),
+            # the start policy (self._gate) decides when the transfer begins, not the engine
+            min_receivers=HOLD,
+            max_wait=None,
             rate_bps=s.rate_bps,
             auto_rate=s.rate_bps is None,
             ttl=self.settings.multicast_ttl,
             session_id=s.wire_session_id,
         )
         config = EngineConfig(rate_bps=s.rate_bps, auto_rate=s.rate_bps is None)
-        return SessionRunner(
+        runner = SessionRunner(
             s.image_name, manifest_bytes, manifest, self.store.read_block, options, config=config
         )
+        return runner, policy, targets
+
+    async def _gate(
+        self,
+        session_id: int,
+        runner: SessionRunner,
+        run_task: asyncio.Task[SendReport],
+        policy: StartPolicy,
+        targets: int,
+    ) -> None:
+        """Hold the transfer until the start policy says go (services/policy.py), or end the
+        session ``not-started``; then cancel it at the window end if the policy says so."""
+        opened, last_joined, last_join_at = self.clock(), 0, None
+        while True:
+            now = self.clock()
+            joined = len(runner.report.receivers)
+            if joined > last_joined:
+                last_joined, last_join_at = joined, now
+            forced = session_id in self._forced
+            decision = evaluate(
+                policy, WaitState(opened, targets, joined, last_join_at, forced), now
+            )
+            if isinstance(decision, StartNow):
+                _release(runner)
+                log.info("session %d: transfer starts: %s", session_id, decision.reason)
+                await self._db(svc.transfer_started, self.bus, session_id, decision.reason)
+                break
+            if isinstance(decision, NotStarted):
+                log.warning("session %d: not started: %s", session_id, decision.reason)
+                self._verdicts[session_id] = ("not-started", decision.reason)
+                run_task.cancel()
+                return
+            await asyncio.sleep(GATE_TICK)
+        if policy.not_after is None or policy.at_window_end != "cancel":
+            return
+        while self.clock() < policy.not_after.timestamp():
+            await asyncio.sleep(min(1.0, max(0.05, policy.not_after.timestamp() - self.clock())))
+        why = f"cancelled at the end of the maintenance window ({policy.not_after.isoformat()})"
+        self._verdicts[session_id] = ("cancelled", why)
+        run_task.cancel()
 
     async def _watch(self, session_id: int, runner: SessionRunner) -> None:
         """Every second: the sender's counters to /metrics and the live stream."""
@@ -206,9 +269,28 @@ class SessionManager:
                 "wire": report.wire,
                 **_summary(report),
             }
+        if reason == "gate":
+            verdict, reason = self._verdicts.pop(session_id)
+            if verdict == "not-started":
+                svc.not_started(db, self.bus, session_id, reason)
+            elif s.state in ("pending", "running"):
+                svc.cancel(db, self.bus, s, "server", reason)
+            reason = ""
         if reason == "cancelled":
             reason = ""
         svc.finalize(db, self.bus, s, engine_states, stats, reason)
+
+
+def _release(runner: SessionRunner) -> None:
+    """Let the engine start the transfer with the receivers present.
+
+    The engine (protocol/sender.py) starts when ``min_receivers`` joined; the server holds it
+    at HOLD and lowers the threshold here when its start policy decides. The engine has no
+    public setter for this yet, so this one place sets its attribute.
+    """
+    session = getattr(runner, "session", None)
+    if session is not None:
+        session._min_receivers = 1
 
 
 class _NotRunnable(Exception):

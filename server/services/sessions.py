@@ -156,7 +156,7 @@ def create_session(
         image_id=image.id or 0,
         image_name=image.name,
         group_id=req.group_id,
-        start_policy=req.start_policy.model_dump(),
+        start_policy=req.start_policy.model_dump(mode="json"),
         rate_bps=req.rate_bps,
         mcast_group="0.0.0.0",
         mcast_port=0,
@@ -194,15 +194,52 @@ def mark_running(db: DbSession, bus: EventBus | None, s: Session, actor: str) ->
     _set_session_state(db, bus, s, "running", "", actor)
 
 
-def cancel(db: DbSession, bus: EventBus | None, s: Session, actor: str) -> None:
+def cancel(db: DbSession, bus: EventBus | None, s: Session, actor: str, reason: str = "") -> None:
     """End ``s`` as cancelled; its unfinished machines too. The runner stops the sender."""
     if s.state not in SESSION_ACTIVE:
         raise Conflict(f"session {s.id} has ended already ({s.state})")
+    why = reason or f"cancelled by {actor}"
     for row in session_machines(db, s.id or 0):
         if row.state in MACHINE_ACTIVE:
-            _set_machine_state(db, bus, row, "cancelled", f"session cancelled by {actor}", actor)
+            _set_machine_state(db, bus, row, "cancelled", f"session {why}", actor)
     s.ended_at = utcnow()
-    _set_session_state(db, bus, s, "cancelled", f"cancelled by {actor}", actor)
+    _set_session_state(db, bus, s, "cancelled", why, actor)
+
+
+def transfer_started(db: DbSession, bus: EventBus | None, session_id: int, why: str) -> None:
+    """The start policy released the transfer: machines that never fetched their assignment
+    are ``no-show``; the session goes on with those present."""
+    s = get_session(db, session_id)
+    if s.state != "running" or s.transfer_started_at is not None:
+        return
+    s.transfer_started_at = utcnow()
+    db.add(s)
+    for row in session_machines(db, session_id):
+        if row.state == "pending":
+            reason = "did not join before the transfer started"
+            _set_machine_state(db, bus, row, "no-show", reason, "server")
+    record(
+        db,
+        bus,
+        "session.transfer-started",
+        actor="server",
+        session_id=session_id,
+        message=f"session {session_id}: transfer started: {why}",
+    )
+
+
+def not_started(db: DbSession, bus: EventBus | None, session_id: int, reason: str) -> None:
+    """End a running session whose transfer never began as ``not-started`` with ``reason``."""
+    s = get_session(db, session_id)
+    if s.state != "running":
+        return
+    for row in session_machines(db, session_id):
+        if row.state == "pending":
+            _set_machine_state(db, bus, row, "no-show", "never joined the session", "server")
+        elif row.state in MACHINE_ACTIVE:
+            _set_machine_state(db, bus, row, "cancelled", f"not started: {reason}", "server")
+    s.ended_at = utcnow()
+    _set_session_state(db, bus, s, "not-started", reason, "server")
 
 
 def rerun_failed(
@@ -218,7 +255,9 @@ def rerun_failed(
     image = db.get(Image, s.image_id)
     if image is None or image.source.get("deleted"):
         raise Conflict(f"the image of session {s.id} was deleted")
-    policy = StartPolicy.model_validate({**s.start_policy, "start": "now"})
+    policy = StartPolicy.model_validate(
+        {**s.start_policy, "start": "now", "at": None, "not_after": None}
+    )
     req = SessionCreate(
         image=image.name, machine_ids=failed, start_policy=policy, rate_bps=s.rate_bps
     )

@@ -59,8 +59,12 @@ def get_session(session_id: Id, _who: AdminDep, db: DbDep) -> SessionDetail:
 def start_session(
     session_id: Id, who: AdminDep, db: DbDep, bus: BusDep, manager: ManagerDep
 ) -> SessionDetail:
-    """Start a pending session now."""
+    """Start a pending session now; on a running session still waiting for its machines,
+    start the transfer now with those present (as soon as one has joined)."""
     s = svc.get_session(db, session_id)
+    if s.state == "running" and s.transfer_started_at is None:
+        manager.force_start(session_id)
+        return svc.detail(db, s)
     svc.mark_running(db, bus, s, who.actor)
     db.commit()
     manager.launch(session_id)
