@@ -47,7 +47,24 @@ def when(t: datetime | None) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S")
 
 
-TEMPLATES.env.filters.update(bytes=human_bytes, rate=human_rate, when=when)
+def inventory(inv: dict[str, Any]) -> str:
+    """An agent's inventory in one line: CPU cores, RAM, disks, NICs."""
+    parts: list[str] = []
+    cpu = inv.get("cpu")
+    if isinstance(cpu, dict) and cpu.get("cores"):
+        parts.append(f"{cpu['cores']} cores")
+    if isinstance(inv.get("ram_bytes"), int):
+        parts.append(f"{human_bytes(inv['ram_bytes'])} RAM")
+    for disk in inv.get("disks") or []:
+        if isinstance(disk, dict):
+            parts.append(f"{disk.get('name', '?')} {human_bytes(disk.get('size'))}")
+    nics = inv.get("nics") or []
+    if nics:
+        parts.append(f"{len(nics)} NIC{'s' if len(nics) > 1 else ''}")
+    return " · ".join(parts) or "-"
+
+
+TEMPLATES.env.filters.update(bytes=human_bytes, rate=human_rate, when=when, inventory=inventory)
 
 
 def page(

@@ -32,6 +32,7 @@ from server.web.common import Csrf, check_post, page, see_other
 router = APIRouter(prefix=WEB_PREFIX, include_in_schema=False)
 #: Machine states that count as a failure in the overview.
 FAILED = ("failed", "evicted", "no-show")
+RATE_RANGE = "the rate must be between 0.001 and 12500 MB/s (or empty: automatic)"
 #: The grid's columns, in the order state.json sends each machine's row.
 COLUMNS = ("id", "name", "mac", "state", "reason", "done", "total", "rate", "loss", "naks")
 
@@ -251,6 +252,12 @@ def parse_session_form(form: dict[str, str]) -> tuple[SessionCreate | None, dict
         policy["min_receivers"] = n
     if (w := number("max_wait", float)) is not None:
         policy["max_wait"] = w
+    if rate is not None and not 0.001 <= rate <= 12_500:
+        errors["rate_mbytes"] = RATE_RANGE
+    if policy.get("min_receivers", 1) < 1:
+        errors["min_receivers"] = "at least 1 (or empty: every target machine)"
+    if not 0 <= policy.get("max_wait", 0) <= 86_400:
+        errors["max_wait"] = "between 0 and 86400 seconds"
     if not form.get("image"):
         errors["image"] = "choose an image"
     if group is None and not ids and "machine_ids" not in errors:
@@ -288,7 +295,7 @@ def _validation_errors(exc: ValidationError) -> dict[str, str]:
         field = next((_FIELD_OF[str(p)] for p in reversed(e["loc"]) if str(p) in _FIELD_OF), "")
         msg = str(e["msg"])
         if field == "rate_mbytes":
-            msg = "the rate must be between 0.001 and 12500 MB/s (or empty: automatic)"
+            msg = RATE_RANGE
         out.setdefault(field or "form", msg)
     return out
 

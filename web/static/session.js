@@ -37,8 +37,12 @@
     const tr = document.createElement("tr");
     tr.dataset.id = r.id;
     for (let i = 0; i < 8; i++) tr.appendChild(document.createElement("td"));
-    tr.cells[0].textContent = r.name || r.mac;
-    tr.cells[0].title = `${r.mac} (machine ${r.id})`;
+    tr.cells[0].textContent = r.name || `machine ${r.id}`;
+    const mac = document.createElement("span");
+    mac.className = "mac";
+    mac.textContent = r.mac;
+    tr.cells[0].appendChild(mac);
+    tr.cells[0].title = `machine ${r.id}`;
     for (const i of [2, 3, 4, 5, 6]) tr.cells[i].className = "num";
     tr.cells[7].className = "reason";
     r.tr = tr;
@@ -212,5 +216,5 @@
                       "machine.no-show"]) {
     events.addEventListener(kind, scheduleReload);
   }
-  window.fleetcastGrid = {rows, render};   // for the browser tests
+  window.fleetcastGrid = {rows, render, chart};   // for the browser tests
 })();
