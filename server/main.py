@@ -28,6 +28,7 @@ from server.api.routes import (
     groups,
     images,
     machines,
+    schedules,
     sessions,
     system,
 )
@@ -41,6 +42,7 @@ from server.services.errors import ServiceError
 from server.services.images import sync_store
 from server.services.progress import ProgressBuffer
 from server.services.runner import SessionManager
+from server.services.scheduler import Scheduler
 from server.services.sessions import fail_interrupted
 from server.web import install as install_dashboard
 
@@ -88,9 +90,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
     await asyncio.to_thread(recover)
     flusher = loop.create_task(_flush_progress(engine, progress))
+    scheduler = Scheduler(engine, settings, bus, manager.launch)
+    app.state.scheduler = scheduler
+    ticker = loop.create_task(scheduler.run()) if settings.scheduler_enabled else None
     try:
         yield
     finally:
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
         await manager.shutdown()
         flusher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -126,8 +135,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings or Settings()
-    for router in (system, auth, images, machines, groups, sessions, agent, events):
+    for router in (system, auth, images, machines, groups, sessions, agent, events, schedules):
         app.include_router(router.router)
+    app.include_router(schedules.wake_router)
     if app.state.settings.boot_enabled:  # public routes: only where machines network-boot
         app.include_router(boot.router)
     app.add_exception_handler(ServiceError, _service_error)

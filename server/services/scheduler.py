@@ -37,13 +37,14 @@ from server.models import (
     Schedule,
     ScheduleBase,
     ScheduleRun,
+    ScheduleRunPublic,
     SessionCreate,
     StartPolicy,
 )
 from server.services import sessions as svc
 from server.services import wol
 from server.services.audit import record
-from server.services.errors import ServiceError
+from server.services.errors import Conflict, Invalid, NotFound, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -345,3 +346,61 @@ class Scheduler:
 def clock_from(fn: Callable[[], float] = _time.time) -> Callable[[], datetime]:
     """A datetime clock from a seconds clock (tests inject one)."""
     return lambda: datetime.fromtimestamp(fn(), UTC)
+
+
+# -- the API's services -------------------------------------------------------------------
+
+
+def create_schedule(db: DbSession, req: ScheduleBase, actor: str, now: datetime) -> Schedule:
+    """A new schedule; Invalid for one that cannot be computed, Conflict for a taken name."""
+    _valid(req)
+    if db.exec(select(Schedule).where(Schedule.name == req.name)).first() is not None:
+        raise Conflict(f"a schedule named {req.name!r} exists already")
+    s = Schedule(**req.model_dump(mode="json"), created_by=actor)
+    s.next_run_at = next_run(req, now) if req.enabled else None
+    db.add(s)
+    db.flush()
+    return s
+
+
+def update_schedule(db: DbSession, s: Schedule, req: ScheduleBase, now: datetime) -> Schedule:
+    """Replace ``s``'s settings with ``req``; its next run is computed afresh."""
+    _valid(req)
+    for key, value in req.model_dump(mode="json").items():
+        setattr(s, key, value)
+    s.next_run_at = next_run(req, now) if req.enabled else None
+    db.add(s)
+    return s
+
+
+def get_schedule(db: DbSession, schedule_id: int) -> Schedule:
+    s = db.get(Schedule, schedule_id)
+    if s is None:
+        raise NotFound(f"no schedule with id {schedule_id}")
+    return s
+
+
+def delete_schedule(db: DbSession, s: Schedule) -> None:
+    """Delete ``s`` and its history (the sessions it created stay)."""
+    for run in db.exec(select(ScheduleRun).where(ScheduleRun.schedule_id == s.id)):
+        db.delete(run)
+    db.delete(s)
+
+
+def history(db: DbSession, schedule_id: int, limit: int = 100) -> list[ScheduleRunPublic]:
+    """The schedule's runs, newest first, with their sessions' states."""
+    q = select(ScheduleRun).where(ScheduleRun.schedule_id == schedule_id)
+    out = []
+    for run in db.exec(q.order_by(col(ScheduleRun.due_at).desc()).limit(limit)):
+        pub = ScheduleRunPublic.model_validate(run, from_attributes=True)
+        if run.session_id is not None:
+            pub.session_state = svc.get_session(db, run.session_id).state
+        out.append(pub)
+    return out
+
+
+def _valid(req: ScheduleBase) -> None:
+    try:
+        check(req)
+    except ScheduleError as exc:
+        raise Invalid(str(exc)) from None
