@@ -220,9 +220,7 @@ class Scheduler:
         run = db.exec(
             select(ScheduleRun).where(ScheduleRun.schedule_id == s.id, ScheduleRun.due_at == due)
         ).first()
-        if run is None and (
-            now > due + timedelta(seconds=s.grace) or (end is not None and now >= end)
-        ):
+        if run is None and self._too_late(s, due, end, now):
             late = (now - due).total_seconds()
             why = f"the server was not running at the due time; {late:.0f} s late"
             self._record_run(db, s, due, "missed", why + f" (grace {s.grace:g} s)")
@@ -236,7 +234,24 @@ class Scheduler:
         if run is None or now < due:
             return None
         self._advance(db, s, spec, due)
+        if run.state == "waking" and self._too_late(s, due, end, now):
+            self._give_up(db, run, now - due)
+            return None
         return self._start(db, run)
+
+    @staticmethod
+    def _too_late(s: Schedule, due: datetime, end: datetime | None, now: datetime) -> bool:
+        return now > due + timedelta(seconds=s.grace) or (end is not None and now >= end)
+
+    def _give_up(self, db: DbSession, run: ScheduleRun, late: timedelta) -> None:
+        """The server was down from the wake-up past the grace: the run is missed, and its
+        pending session is cancelled (its machines boot their disks again)."""
+        why = f"the server was not running at the due time; {late.total_seconds():.0f} s late"
+        session = svc.get_session(db, run.session_id or 0)
+        if session.state == "pending":
+            svc.cancel(db, self.bus, session, f"schedule:{run.schedule_id}", f"missed: {why}")
+        run.state, run.reason = "missed", why
+        db.add(run)
 
     def _open(
         self, db: DbSession, s: Schedule, spec: ScheduleBase, due: datetime, end: datetime | None

@@ -225,3 +225,29 @@ def test_a_run_that_cannot_create_its_session_is_failed_with_the_reason(
     (run,) = w.runs()
     assert run.state == "failed" and "no image named 'win11'" in run.reason
     assert w.schedule().next_run_at is None  # a one-shot is done
+
+
+def test_a_run_woken_before_downtime_and_due_beyond_the_grace_is_missed(
+    settings: Settings,
+) -> None:
+    w = World(settings, kind="weekly", weekdays=[6], time="02:00", wake_lead=600, grace=60)
+    w.tick(SUNDAY_2AM - timedelta(seconds=300))
+    (run,) = w.runs()
+    assert run.state == "waking"
+    assert w.tick(SUNDAY_2AM + timedelta(seconds=61)) == []  # the server was down meanwhile
+    (run,) = w.runs()
+    assert run.state == "missed" and "61 s late" in run.reason
+    s = w.session(run.session_id or 0)
+    assert s.state == "cancelled" and s.reason.startswith("missed:")
+
+
+def test_a_session_cancelled_between_wake_and_due_time_is_a_failed_run(settings: Settings) -> None:
+    w = World(settings, kind="weekly", weekdays=[6], time="02:00", wake_lead=600)
+    w.tick(SUNDAY_2AM - timedelta(seconds=600))
+    with db_session(w.engine) as db:
+        s = db.get(DeploySession, w.runs()[0].session_id)
+        assert s is not None
+        s.state = "cancelled"
+    assert w.tick(SUNDAY_2AM) == []
+    (run,) = w.runs()
+    assert run.state == "failed" and "cancelled at the due time" in run.reason
