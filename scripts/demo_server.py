@@ -79,8 +79,11 @@ def forward_loopback(uds: Path, port: int) -> None:
     threading.Thread(target=lambda: asyncio.run(serve()), daemon=True).start()
 
 
+_last_shown: list[str] = []
+
+
 def show(detail: dict[str, Any], names: dict[int, str], first: bool) -> None:
-    """Redraw one line per machine."""
+    """Redraw one line per machine (on a terminal); elsewhere print only what changed."""
     lines = []
     for m in detail["machines"]:
         frac = m["bytes_done"] / m["bytes_total"] if m["bytes_total"] else 0.0
@@ -89,9 +92,15 @@ def show(detail: dict[str, Any], names: dict[int, str], first: bool) -> None:
             f"  {names.get(m['machine_id'], '?'):6} [{bar:30}] {frac * 100:5.1f}% "
             f"{m['rate_bps'] / 8 / MIB:6.1f} MiB/s  {m['state']:10} {m['reason'][:40]}"
         )
-    if not first and sys.stdout.isatty():
-        sys.stdout.write(f"\x1b[{len(lines)}F")
-    print("\n".join(lines), flush=True)
+    if sys.stdout.isatty():
+        if not first:
+            sys.stdout.write(f"\x1b[{len(lines)}F")
+        print("\n".join(lines), flush=True)
+        return
+    changed = [line for line in lines if line not in _last_shown]
+    _last_shown[:] = lines
+    if changed:
+        print("\n".join(changed), flush=True)
 
 
 def main() -> int:
