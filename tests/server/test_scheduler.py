@@ -251,3 +251,23 @@ def test_a_session_cancelled_between_wake_and_due_time_is_a_failed_run(settings:
     assert w.tick(SUNDAY_2AM) == []
     (run,) = w.runs()
     assert run.state == "failed" and "cancelled at the due time" in run.reason
+
+
+def test_woken_machines_network_boot_into_the_client_for_the_runs_session(
+    settings: Settings,
+) -> None:
+    from server.services.boot import BootRequest, decide
+
+    w = World(settings, kind="weekly", weekdays=[6], time="02:00", wake_lead=600, grace=60)
+    with db_session(w.engine) as db:
+        before = decide(db, None, BootRequest("52:54:00:00:00:01"), "local")
+    assert before.action == "local"
+    w.tick(SUNDAY_2AM - timedelta(seconds=600))
+    sid = w.runs()[0].session_id
+    with db_session(w.engine) as db:
+        woken = decide(db, None, BootRequest("52:54:00:00:00:01"), "local")
+    assert (woken.action, woken.session_id) == ("deploy", sid)
+    w.tick(SUNDAY_2AM + timedelta(seconds=61))  # missed: the pending session is cancelled
+    with db_session(w.engine) as db:
+        after = decide(db, None, BootRequest("52:54:00:00:00:01"), "local")
+    assert after.action == "local"
