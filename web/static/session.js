@@ -130,7 +130,16 @@
     }
   }
 
+  const perf = {renders: 0, lastMs: 0, maxMs: 0};   // read by the browser tests
   function render() {
+    const t0 = performance.now();
+    renderNow();
+    perf.lastMs = performance.now() - t0;
+    perf.maxMs = Math.max(perf.maxMs, perf.lastMs);
+    perf.renders++;
+  }
+
+  function renderNow() {
     const all = [...rows.values()];
     const active = all.filter(r => r.state === "receiving");
     const medPct = median(active.map(pct)), medRate = median(active.map(r => r.rate || 0));
@@ -216,5 +225,5 @@
                       "machine.no-show"]) {
     events.addEventListener(kind, scheduleReload);
   }
-  window.fleetcastGrid = {rows, render, chart};   // for the browser tests
+  window.fleetcastGrid = {rows, render, chart, perf};   // for the browser tests
 })();
