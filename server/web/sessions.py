@@ -22,7 +22,7 @@ from server.api.deps import (
     SettingsDep,
     WebDep,
 )
-from server.models import Session, SessionCreate, SessionMachine
+from server.models import Schedule, Session, SessionCreate, SessionMachine
 from server.services import images as images_svc
 from server.services import machines as machines_svc
 from server.services import sessions as svc
@@ -77,6 +77,13 @@ def overview(request: Request, user: WebDep, db: DbDep) -> HTMLResponse:
         .limit(10)
     ).all()
     names = {m.id: m.name or m.mac for m in machines_svc.list_machines(db)}
+    upcoming = db.exec(
+        select(Schedule)
+        .where(Schedule.enabled == True)  # noqa: E712 (SQL, not Python)
+        .where(col(Schedule.next_run_at).is_not(None))
+        .order_by(col(Schedule.next_run_at))
+        .limit(5)
+    ).all()
     return page(
         request,
         "overview.html",
@@ -85,6 +92,7 @@ def overview(request: Request, user: WebDep, db: DbDep) -> HTMLResponse:
         recent=[svc.public(db, s) for s in svc.list_sessions(db, limit=15)],
         failures=failures,
         names=names,
+        upcoming=upcoming,
     )
 
 
