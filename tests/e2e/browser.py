@@ -75,4 +75,11 @@ def screenshot(page: Any, name: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path))
+    try:  # a 64-colour palette keeps the committed PNGs at a few tens of KiB
+        from PIL import Image
+    except ImportError:
+        return path
+    with Image.open(path) as img:
+        small = img.convert("RGB").quantize(colors=64)
+    small.save(path, optimize=True)
     return path
