@@ -79,7 +79,7 @@ def evaluate(policy: StartPolicy, w: WaitState, now: float) -> Decision:
     if w.joined >= max(1, wanted):
         return StartNow(w.joined, f"{w.joined} of {w.targets} machines joined")
     at = policy.at.timestamp() if policy.at is not None else None
-    if at is not None and now >= at and enough:
+    if policy.at is not None and now >= policy.at.timestamp() and enough:
         return StartNow(w.joined, f"the start time {policy.at.isoformat()} came")
     quiet_end = None
     if policy.quiet_period is not None and w.last_join_at is not None:

@@ -78,6 +78,12 @@ def _hhmm(text: str, what: str) -> tuple[int, int]:
 def check(s: ScheduleBase) -> None:
     """ScheduleError naming the first field of ``s`` that makes no sense."""
     zone(s.timezone)
+    if s.start_policy.at is not None or s.start_policy.not_after is not None:
+        raise ScheduleError(
+            "a schedule's start_policy takes no 'at' or 'not_after': each run starts at its "
+            "due time, and window_end sets the window; use min_receivers, quiet_period, "
+            "max_wait and minimum"
+        )
     if s.window_end:
         _hhmm(s.window_end, "window_end")
     if s.kind == "once":

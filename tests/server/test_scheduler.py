@@ -271,3 +271,9 @@ def test_woken_machines_network_boot_into_the_client_for_the_runs_session(
     with db_session(w.engine) as db:
         after = decide(db, None, BootRequest("52:54:00:00:00:01"), "local")
     assert after.action == "local"
+
+
+def test_a_schedule_policy_with_a_fixed_start_time_or_window_is_refused() -> None:
+    at = {"at": "2026-11-29T02:00:00Z"}
+    with pytest.raises(ScheduleError, match="window_end"):
+        check(sched(kind="weekly", weekdays=[6], time="02:00", start_policy=at))
