@@ -215,3 +215,24 @@ def test_machines_page_edits_a_machine_and_a_bad_csv_names_its_line(
     assert bad.status_code == 400 and "line 2" in bad.text
     with db_session(api.client.app.state.engine) as db:  # type: ignore[attr-defined]
         assert len(machines_svc.list_machines(db)) == 1, "a bad CSV imports nothing"
+
+
+def test_re_run_from_the_page_makes_a_new_session_for_the_machines_that_did_not_succeed(
+    api: Api,
+) -> None:
+    csrf = _login(api)
+    _captured(api)
+    api.enroll("52:54:00:aa:00:05")
+    first = api.post(
+        "/api/sessions",
+        json={"image": "golden", "machine_ids": [1], "start_policy": {"start": "manual"}},
+    ).json()
+    early = api.client.post(f"{UI}/sessions/{first['id']}/rerun", data={"csrf": csrf})
+    assert early.status_code == 409 and "still pending" in early.text
+    api.post(f"/api/sessions/{first['id']}/cancel")
+    r = api.client.post(
+        f"{UI}/sessions/{first['id']}/rerun", data={"csrf": csrf}, follow_redirects=False
+    )
+    assert r.status_code == 303
+    again = api.get(f"/api/sessions/{r.headers['location'].rsplit('/', 1)[1]}").json()
+    assert again["rerun_of"] == first["id"] and [m["machine_id"] for m in again["machines"]] == [1]
