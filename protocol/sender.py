@@ -233,6 +233,19 @@ class SenderSession:
         """The oldest event not yet taken, or None."""
         return self._events.popleft() if self._events else None
 
+    def start_transfer(self, now: float) -> bool:
+        """Start the transfer now with the receivers that joined, whatever ``min_receivers``.
+
+        For a controller (the server's start policies) that holds the session at a high
+        ``min_receivers`` and decides itself when to start. Returns False, changing
+        nothing, unless the session is still waiting and at least one receiver joined.
+        """
+        if self._state is not SenderState.WAITING or not self._members:
+            return False
+        self._min_receivers = len(self._members)
+        self._check_start(now)
+        return self._transfer_started_at is not None
+
     def close(self, now: float, reason: str) -> None:
         """Abort the session: tell the receivers (ABORT) and end after the linger time."""
         if self._state in (SenderState.ENDING, SenderState.ENDED):

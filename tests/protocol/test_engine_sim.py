@@ -214,6 +214,17 @@ def test_max_wait_starts_with_whoever_joined() -> None:
     assert net.outcome(a) == net.outcome(b) == "completed"
 
 
+def test_start_transfer_lets_a_controller_start_with_whoever_joined() -> None:
+    net = SimNet(12, make_image(random.Random(12), blocks=3), min_receivers=1 << 30)
+    a, b = net.add_receiver("a"), net.add_receiver("b")
+    assert not net.sender.start_transfer(0.0)  # nobody has joined yet: nothing changes
+    net.at(0.8, lambda: net.sender.start_transfer(0.8))
+    net.run(limit=30)
+    assert _sender_events(net, ev.TransferStarted) == [ev.TransferStarted(2)]
+    assert net.outcome(a) == net.outcome(b) == "completed"
+    assert not net.sender.start_transfer(net.now)  # no longer waiting
+
+
 def test_max_wait_with_nobody_ends_the_session_with_no_receivers() -> None:
     net = SimNet(10, make_image(random.Random(10), blocks=3), max_wait=0.5)
     net.run(limit=30)
