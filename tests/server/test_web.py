@@ -236,3 +236,19 @@ def test_re_run_from_the_page_makes_a_new_session_for_the_machines_that_did_not_
     assert r.status_code == 303
     again = api.get(f"/api/sessions/{r.headers['location'].rsplit('/', 1)[1]}").json()
     assert again["rerun_of"] == first["id"] and [m["machine_id"] for m in again["machines"]] == [1]
+
+
+def test_an_upload_from_the_images_page_is_captured_and_needs_the_csrf_header(
+    api: Api, tmp_path: Path
+) -> None:
+    csrf = _login(api)
+    body = b"fleetcast upload " * 4096 + bytes(1 << 20)
+    url = f"{UI}/images/upload?name=uploaded"
+    headers = {"Content-Type": "application/octet-stream"}
+    assert api.client.post(url, content=body, headers=headers).status_code == 403
+    r = api.client.post(url, content=body, headers={**headers, "X-CSRF-Token": csrf})
+    assert r.status_code == 204, r.text
+    (image,) = api.get("/api/images").json()
+    assert image["name"] == "uploaded" and image["image_size"] == len(body)
+    taken = api.client.post(url, content=body, headers={**headers, "X-CSRF-Token": csrf})
+    assert taken.status_code == 409 and "already exists" in taken.text
