@@ -3,8 +3,9 @@
 Run as root: ``python -m bench.memory --size 10G`` builds a realistic sample disk of that
 size (GPT + ext4 about half full), captures it into a scratch store, multicasts it to one
 receiver in a private namespace lab (bench/lab.py) writing a sparse file, and prints each
-process's peak RSS (ru_maxrss), CPU seconds and wall time, and whether the target hashes to
-the image. A benchmark, not a test: the issue's bound is receiver RSS <= 100 MiB at 10 GiB.
+process's peak RSS (VmHWM, sampled until it exits), CPU seconds and wall time, and whether
+the target hashes to the image. A benchmark, not a test: the issue's bound is receiver RSS
+<= 100 MiB at 10 GiB.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import secrets
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -47,6 +49,39 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(8 * MIB):
             h.update(chunk)
     return h.hexdigest()
+
+
+class PeakRss:
+    """Samples VmHWM of a set of PIDs in a thread (ru_maxrss would include the parent's).
+
+    Linux keeps ru_maxrss across exec, so a child of this large harness would report the
+    harness's size; VmHWM belongs to the program's own address space.
+    """
+
+    def __init__(self) -> None:
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def watch(self, pid: int) -> None:
+        self.peak.setdefault(pid, 0)
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            for pid in list(self.peak):
+                try:
+                    with open(f"/proc/{pid}/status") as f:
+                        for line in f:
+                            if line.startswith("VmHWM:"):
+                                self.peak[pid] = max(self.peak[pid], int(line.split()[1]))
+                except (OSError, ValueError):
+                    pass
 
 
 def _store_mib(work: Path) -> float:
@@ -109,8 +144,12 @@ def main(argv: list[str] | None = None) -> int:
                 cwd=str(ROOT),
                 stdout=subprocess.DEVNULL,
             )
+            rss = PeakRss()
+            rss.watch(recv.pid)
+            rss.watch(send.pid)
             s_code, s_use = lab.wait_usage(send, timeout=1800)
             r_code, r_use = lab.wait_usage(recv, timeout=120)
+            rss.stop()
             wall = time.monotonic() - t0
         same = _sha256(target) == info["image_sha256"]
         print(

@@ -185,7 +185,7 @@ class Receiver:
         out["verified_blocks"] = self._verified_blocks
         out["verified_bytes"] = self._verified_bytes
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        out["peak_rss_mib"] = round(usage.ru_maxrss / 1024, 1)
+        out["peak_rss_mib"] = round(_peak_rss_kib(usage) / 1024, 1)
         out["cpu_seconds"] = round(usage.ru_utime + usage.ru_stime, 3)
         return out
 
@@ -411,3 +411,20 @@ def _write_json(path: str, outcome: Outcome, elapsed: float) -> None:
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True, default=str)
     os.replace(tmp, path)
+
+
+def _peak_rss_kib(usage: resource.struct_rusage) -> int:
+    """This program's own peak RSS in KiB: VmHWM, which exec resets.
+
+    ru_maxrss also counts the peak of the process this one was exec'd from (Linux keeps
+    the larger across exec), so a receiver started by a big parent would report its
+    parent's size; it is only the fallback where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return usage.ru_maxrss
