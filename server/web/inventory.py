@@ -23,9 +23,10 @@ from server.api.deps import (
 )
 from server.db import db_session
 from server.images.store import StoreError, check_name
-from server.models import GroupCreate, Machine, MachineUpdate, Session
+from server.models import GroupCreate, GroupUpdate, Machine, MachineUpdate, Session
 from server.services import images as svc
 from server.services import machines as machines_svc
+from server.services import wol
 from server.services.audit import record
 from server.services.errors import Conflict, Invalid, ServiceError
 from server.web.common import Csrf, check_post, page, see_other
@@ -238,4 +239,49 @@ def create_group(
     except (ServiceError, ValidationError) as exc:
         db.rollback()
         return _machines_page(request, user, db, 400, error=f"group {name!r}: {exc}")  # type: ignore[no-any-return]
+    return see_other(f"{WEB_PREFIX}/machines")
+
+
+@router.post("/groups/{group_id}", response_model=None)
+def edit_group(
+    request: Request,
+    group_id: Id,
+    user: WebDep,
+    db: DbDep,
+    name: Annotated[str, Form(max_length=63)] = "",
+    description: Annotated[str, Form(max_length=1024)] = "",
+    wol_broadcast: Annotated[str, Form(max_length=45)] = "",
+    wol_port: Annotated[str, Form(max_length=8)] = "",
+    csrf: Csrf = "",
+) -> Response:
+    """Rename a group, change its description and its Wake-on-LAN target."""
+    check_post(request, user, csrf)
+    g = machines_svc.get_group(db, group_id)
+    try:
+        changes = GroupUpdate.model_validate({"name": name.strip(), "description": description})
+        port = int(wol_port) if wol_port.strip() else None
+        if wol_broadcast.strip():
+            wol.check_target(wol_broadcast.strip(), port or 9)
+        machines_svc.update_group(db, g, changes.model_dump(exclude_unset=True))
+        g.wol_broadcast, g.wol_port = wol_broadcast.strip(), port
+        db.add(g)
+        db.commit()
+    except (ServiceError, ValidationError, ValueError) as exc:
+        db.rollback()
+        return _machines_page(request, user, db, 400, error=f"group {group_id}: {exc}")  # type: ignore[no-any-return]
+    return see_other(f"{WEB_PREFIX}/machines")
+
+
+@router.post("/groups/{group_id}/delete", response_model=None)
+def delete_group(
+    request: Request, group_id: Id, user: WebDep, db: DbDep, csrf: Csrf = ""
+) -> Response:
+    """Delete a group (its machines stay, without a group); refused while a session uses it."""
+    check_post(request, user, csrf)
+    try:
+        machines_svc.delete_group(db, machines_svc.get_group(db, group_id))
+        db.commit()
+    except ServiceError as exc:
+        db.rollback()
+        return _machines_page(request, user, db, exc.status, error=str(exc))  # type: ignore[no-any-return]
     return see_other(f"{WEB_PREFIX}/machines")

@@ -252,3 +252,26 @@ def test_an_upload_from_the_images_page_is_captured_and_needs_the_csrf_header(
     assert image["name"] == "uploaded" and image["image_size"] == len(body)
     taken = api.client.post(url, content=body, headers={**headers, "X-CSRF-Token": csrf})
     assert taken.status_code == 409 and "already exists" in taken.text
+
+
+def test_a_group_is_renamed_given_a_wake_on_lan_target_and_deleted(api: Api) -> None:
+    csrf = _login(api)
+    api.client.post(f"{UI}/groups", data={"name": "lab-c", "csrf": csrf})
+    gid = api.get("/api/groups").json()[0]["id"]
+    form = {"csrf": csrf, "name": "lab-d", "description": "room 4", "wol_broadcast": "10.9.0.255"}
+    r = api.client.post(
+        f"{UI}/groups/{gid}", data={**form, "wol_port": "7"}, follow_redirects=False
+    )
+    assert r.status_code == 303
+    g = api.get(f"/api/groups/{gid}").json()
+    assert (g["name"], g["description"], g["wol_broadcast"], g["wol_port"]) == (
+        "lab-d",
+        "room 4",
+        "10.9.0.255",
+        7,
+    )
+    bad = api.client.post(f"{UI}/groups/{gid}", data={**form, "wol_broadcast": "lab.example"})
+    assert bad.status_code == 400 and 'role="alert"' in bad.text
+    assert api.get(f"/api/groups/{gid}").json()["wol_broadcast"] == "10.9.0.255"
+    gone = api.client.post(f"{UI}/groups/{gid}/delete", data={"csrf": csrf}, follow_redirects=False)
+    assert gone.status_code == 303 and api.get("/api/groups").json() == []
