@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
-from sqlmodel import func, select
+from sqlmodel import col, func, select
 
 from server.api.deps import (
     WEB_PREFIX,
@@ -34,8 +34,12 @@ from server.web.common import Csrf, check_post, page, see_other
 router = APIRouter(prefix=WEB_PREFIX, include_in_schema=False)
 
 
-def _images_page(request: Request, user: Any, db: Any, status: int = 200, **ctx: Any) -> Any:
-    uses = dict(db.exec(select(Session.image_id, func.count()).group_by(Session.image_id)).all())
+def _images_page(
+    request: Request, user: Any, db: Any, status: int = 200, **ctx: Any
+) -> HTMLResponse:
+    uses = dict(
+        db.exec(select(col(Session.image_id), func.count()).group_by(col(Session.image_id))).all()
+    )
     ctx.setdefault("error", "")
     ctx.setdefault("form", {})
     return page(request, "images.html", user, status, images=svc.list_images(db), uses=uses, **ctx)
@@ -44,8 +48,7 @@ def _images_page(request: Request, user: Any, db: Any, status: int = 200, **ctx:
 @router.get("/images", response_class=HTMLResponse)
 def images(request: Request, user: WebDep, db: DbDep) -> HTMLResponse:
     """Every image: sizes, ratio, block kinds, partition table, sessions using it."""
-    result: HTMLResponse = _images_page(request, user, db)
-    return result
+    return _images_page(request, user, db)
 
 
 @router.post("/images", response_model=None)
@@ -84,7 +87,7 @@ def register_image(
         record(db, bus, "image.added", actor=user.who.actor, message=f"image {name} ({mode})")
     except (ServiceError, StoreError, OSError, ValueError) as exc:
         db.rollback()
-        return _images_page(request, user, db, 400, error=str(exc), form=form)  # type: ignore[no-any-return]
+        return _images_page(request, user, db, 400, error=str(exc), form=form)
     return see_other(f"{WEB_PREFIX}/images")
 
 
@@ -146,7 +149,7 @@ def delete_image(
         svc.delete_image(db, store, image)
     except ServiceError as exc:
         db.rollback()
-        return _images_page(request, user, db, exc.status, error=str(exc))  # type: ignore[no-any-return]
+        return _images_page(request, user, db, exc.status, error=str(exc))
     record(db, bus, "image.deleted", actor=user.who.actor, message=f"image {name} deleted")
     return see_other(f"{WEB_PREFIX}/images")
 
@@ -154,7 +157,9 @@ def delete_image(
 # -- machines and groups ----------------------------------------------------------------------
 
 
-def _machines_page(request: Request, user: Any, db: Any, status: int = 200, **ctx: Any) -> Any:
+def _machines_page(
+    request: Request, user: Any, db: Any, status: int = 200, **ctx: Any
+) -> HTMLResponse:
     groups = machines_svc.list_groups(db)
     ctx.setdefault("error", "")
     ctx.setdefault("notice", "")
@@ -174,8 +179,7 @@ def _machines_page(request: Request, user: Any, db: Any, status: int = 200, **ct
 @router.get("/machines", response_class=HTMLResponse)
 def machines(request: Request, user: WebDep, db: DbDep) -> HTMLResponse:
     """Inventory, group, last deployment and its outcome."""
-    result: HTMLResponse = _machines_page(request, user, db)
-    return result
+    return _machines_page(request, user, db)
 
 
 @router.post("/machines/{machine_id}", response_model=None)
@@ -198,7 +202,7 @@ def edit_machine(
         db.commit()
     except (ServiceError, ValueError) as exc:
         db.rollback()
-        return _machines_page(request, user, db, 400, error=f"machine {machine_id}: {exc}")  # type: ignore[no-any-return]
+        return _machines_page(request, user, db, 400, error=f"machine {machine_id}: {exc}")
     return see_other(f"{WEB_PREFIX}/machines")
 
 
@@ -217,9 +221,9 @@ def import_machines(
         db.commit()
     except ServiceError as exc:
         db.rollback()
-        return _machines_page(request, user, db, 400, error=str(exc), csv_text=csv_text)  # type: ignore[no-any-return]
+        return _machines_page(request, user, db, 400, error=str(exc), csv_text=csv_text)
     notice = f"{r.created} created, {r.updated} updated, {r.groups_created} groups created"
-    return _machines_page(request, user, db, notice=notice)  # type: ignore[no-any-return]
+    return _machines_page(request, user, db, notice=notice)
 
 
 @router.post("/groups", response_model=None)
@@ -238,7 +242,7 @@ def create_group(
         db.commit()
     except (ServiceError, ValidationError) as exc:
         db.rollback()
-        return _machines_page(request, user, db, 400, error=f"group {name!r}: {exc}")  # type: ignore[no-any-return]
+        return _machines_page(request, user, db, 400, error=f"group {name!r}: {exc}")
     return see_other(f"{WEB_PREFIX}/machines")
 
 
@@ -268,7 +272,7 @@ def edit_group(
         db.commit()
     except (ServiceError, ValidationError, ValueError) as exc:
         db.rollback()
-        return _machines_page(request, user, db, 400, error=f"group {group_id}: {exc}")  # type: ignore[no-any-return]
+        return _machines_page(request, user, db, 400, error=f"group {group_id}: {exc}")
     return see_other(f"{WEB_PREFIX}/machines")
 
 
@@ -283,5 +287,5 @@ def delete_group(
         db.commit()
     except ServiceError as exc:
         db.rollback()
-        return _machines_page(request, user, db, exc.status, error=str(exc))  # type: ignore[no-any-return]
+        return _machines_page(request, user, db, exc.status, error=str(exc))
     return see_other(f"{WEB_PREFIX}/machines")
