@@ -70,10 +70,12 @@ def browser_page(work: Path, netns: str | None = None) -> Iterator[Any]:
             ctx.close()
 
 
-def screenshot(page: Any, name: str) -> Path:
-    """Save the visible part of ``page`` as docs/screenshots/NAME.png."""
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    path = SCREENSHOTS / f"{name}.png"
+def screenshot(page: Any, name: str, work: Path) -> Path:
+    """Save the visible part of ``page`` as NAME.png: in docs/screenshots when
+    FLEETCAST_SCREENSHOTS=1 (to refresh the committed ones), else in ``work``."""
+    folder = SCREENSHOTS if os.environ.get("FLEETCAST_SCREENSHOTS") == "1" else work
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
     page.screenshot(path=str(path))
     try:  # a 64-colour palette keeps the committed PNGs at a few tens of KiB
         from PIL import Image

@@ -63,7 +63,7 @@ def test_log_in_create_watch_every_machine_reach_100_percent_and_cancel_another(
         page.click("main button[type=submit]")
         assert page.inner_text("#err-image") == "choose an image"
         assert "between 0.001 and 12500 MB/s" in page.inner_text("#err-rate_mbytes")
-        screenshot(page, "new-session-validation")
+        screenshot(page, "new-session-validation", tmp_path)
 
         page.select_option("select[name=image]", small_image.name)
         page.fill("input[name=rate_mbytes]", "0.5")  # slow enough to watch it live
@@ -81,7 +81,7 @@ def test_log_in_create_watch_every_machine_reach_100_percent_and_cancel_another(
             timeout=60_000,
         )
         page.wait_for_function("() => window.fleetcastGrid.chart.length >= 3", timeout=30_000)
-        screenshot(page, "session-live")
+        screenshot(page, "session-live", tmp_path)
         # Every row of the live grid reads succeeded and 100.0 (no reload: events + state.json).
         page.wait_for_function(
             """() => [...document.querySelectorAll('#rows tr')].length === 4 &&
@@ -96,7 +96,7 @@ def test_log_in_create_watch_every_machine_reach_100_percent_and_cancel_another(
         )
         assert page.inner_text("#t-slowest") == "100.0%"
         assert page.is_hidden("form[action$='/cancel']")
-        screenshot(page, "session-succeeded")
+        screenshot(page, "session-succeeded", tmp_path)
         for node, proc in zip(sl.lab.receivers, agents, strict=True):
             assert sl.lab.wait(proc, 30) == 0, sl.log(node.name)
         assert api.get(f"/api/sessions/{sid}").json()["state"] == "succeeded"
@@ -120,13 +120,13 @@ def test_log_in_create_watch_every_machine_reach_100_percent_and_cancel_another(
 
         page.click("text=Overview")
         assert f"#{sid}" in page.inner_text("main") and "cancelled" in page.inner_text("main")
-        screenshot(page, "overview")
+        screenshot(page, "overview", tmp_path)
         page.click("text=Images")
         assert small_image.name in page.inner_text("table")
-        screenshot(page, "images")
+        screenshot(page, "images", tmp_path)
         page.click("text=Machines")
         assert page.inner_text("table").count("succeeded") == AGENTS
-        screenshot(page, "machines")
+        screenshot(page, "machines", tmp_path)
         page.click("nav >> text=Schedules")
         page.fill("main input[name=name]", "nightly")
         page.select_option("main select[name=image]", small_image.name)
@@ -142,6 +142,6 @@ def test_log_in_create_watch_every_machine_reach_100_percent_and_cancel_another(
         page.click("main button[type=submit]")
         page.wait_for_url(f"{sl.url}/ui/schedules/*")
         assert len(page.query_selector_all("main ul li")) == 5
-        screenshot(page, "schedule")
+        screenshot(page, "schedule", tmp_path)
         page.click("text=Log out")
         page.wait_for_url(f"{sl.url}/ui/login*")

@@ -155,7 +155,7 @@ def test_a_500_machine_grid_updates_in_place_sorts_and_filters_laggards(
             ".map(tr => +tr.dataset.id)"
         )
         assert sorted(visible) == list(range(50, MACHINES + 1, 50))
-        screenshot(page, "session-500-laggards")
+        screenshot(page, "session-500-laggards", tmp_path)
         page.uncheck("#laggards-only")
         page.click("#grid th[data-key=pct]")
         page.click("#grid th[data-key=pct]")  # descending
