@@ -260,12 +260,15 @@ def parse_session_form(form: dict[str, str]) -> tuple[SessionCreate | None, dict
         policy["min_receivers"] = n
     if (w := number("max_wait", float)) is not None:
         policy["max_wait"] = w
+    if (q := number("quiet_period", float)) is not None:
+        policy["quiet_period"] = q
     if rate is not None and not 0.001 <= rate <= 12_500:
         errors["rate_mbytes"] = RATE_RANGE
     if policy.get("min_receivers", 1) < 1:
         errors["min_receivers"] = "at least 1 (or empty: every target machine)"
-    if not 0 <= policy.get("max_wait", 0) <= 86_400:
-        errors["max_wait"] = "between 0 and 86400 seconds"
+    for key in ("max_wait", "quiet_period"):
+        if not 0 <= policy.get(key, 0) <= 86_400:
+            errors[key] = "between 0 and 86400 seconds"
     if not form.get("image"):
         errors["image"] = "choose an image"
     if group is None and not ids and "machine_ids" not in errors:
@@ -329,6 +332,7 @@ def create_session(
     start: Annotated[str, Form(max_length=16)] = "now",
     min_receivers: Annotated[str, Form(max_length=32)] = "",
     max_wait: Annotated[str, Form(max_length=32)] = "",
+    quiet_period: Annotated[str, Form(max_length=32)] = "",
     rate_mbytes: Annotated[str, Form(max_length=32)] = "",
     csrf: Csrf = "",
 ) -> Response:
@@ -341,6 +345,7 @@ def create_session(
         "start": start,
         "min_receivers": min_receivers,
         "max_wait": max_wait,
+        "quiet_period": quiet_period,
         "rate_mbytes": rate_mbytes,
     }
     body, errors = parse_session_form(form)

@@ -86,8 +86,15 @@ def test_the_new_session_form_puts_each_problem_next_to_its_field(api: Api) -> N
     _captured(api)
     bad = api.client.post(
         f"{UI}/sessions-new",
-        data={"csrf": csrf, "image": "golden", "machine_ids": "1, x", "rate_mbytes": "fast"},
+        data={
+            "csrf": csrf,
+            "image": "golden",
+            "machine_ids": "1, x",
+            "rate_mbytes": "fast",
+            "quiet_period": "-5",
+        },
     )
+    assert 'id="err-quiet_period"' in bad.text
     assert 'id="err-machine_ids"' in bad.text and "&#39;x&#39; is not a machine id" in bad.text
     assert 'id="err-rate_mbytes"' in bad.text
     slow = api.client.post(
@@ -114,6 +121,7 @@ def test_a_manual_session_is_created_started_and_cancelled_from_its_page(api: Ap
             "machine_ids": "1",
             "start": "manual",
             "rate_mbytes": "50",
+            "quiet_period": "20",
         },
         follow_redirects=False,
     )
@@ -122,6 +130,7 @@ def test_a_manual_session_is_created_started_and_cancelled_from_its_page(api: Ap
     session = api.get(f"/api/sessions/{page.rsplit('/', 1)[1]}").json()
     assert session["state"] == "pending" and session["rate_bps"] == 400_000_000
     assert session["start_policy"]["start"] == "manual"
+    assert session["start_policy"]["quiet_period"] == 20
     html = api.client.get(page).text
     assert "Start now" in html and "400000000" not in html and "50.0 MB/s" in html
     state = api.client.get(f"{page}/state.json").json()
