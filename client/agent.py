@@ -213,7 +213,11 @@ class ProgressReporter(ProgressBar):
         return None
 
     def sample(self, session_stats: dict[str, Any]) -> dict[str, Any]:
-        """One progress sample for the server."""
+        """One progress sample for the server.
+
+        ``loss`` is the receiver's loss since it joined (lost / expected sender datagrams,
+        the ``loss_total`` of its stats), steadier than the last STATUS interval's figure.
+        """
         elapsed = max(time.monotonic() - self._started, 1e-6)
         naks = int(session_stats.get("naks_sent", 0))
         return {
@@ -222,9 +226,17 @@ class ProgressReporter(ProgressBar):
             "blocks_done": int(session_stats.get("blocks_done", 0)),
             "blocks_total": int(session_stats.get("blocks_total", 0)),
             "rate_bps": self.done * 8 / elapsed,
-            "loss": min(max(float(session_stats.get("loss", 0.0)), 0.0), 1.0),
+            "loss": _fraction(session_stats.get("loss_total", session_stats.get("loss", 0.0))),
             "naks": naks,
         }
+
+
+def _fraction(value: object) -> float:
+    """``value`` as a float clamped to [0, 1]; 0.0 when it is not a number."""
+    try:
+        return min(max(float(value), 0.0), 1.0)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
 
 
 # -- the agent --------------------------------------------------------------------------------
@@ -299,7 +311,11 @@ class Agent:
             progress=reporter,
         )
         outcome = await self._receive(session_id, receiver, reporter)
-        return await asyncio.to_thread(self._report, session_id, receiver, outcome, expected)
+        verdict = await asyncio.to_thread(self._report, session_id, receiver, outcome, expected)
+        # what the session says the machine does next (client/boot.py acts on it under PXE)
+        verdict["after"] = str(job.get("after") or "")
+        verdict["disk_rule"] = str(job.get("disk_rule") or "")
+        return verdict
 
     async def _receive(
         self, session_id: int, receiver: Receiver, reporter: ProgressReporter

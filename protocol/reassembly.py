@@ -219,12 +219,25 @@ def nak_bodies(seen: int, due: Sequence[tuple[int, Partial]], capacity: int) -> 
 class Meter:
     """What a receiver measures between two STATUS reports (§4.4): loss, rates."""
 
-    __slots__ = ("_base", "_last", "_rx", "_rx_bytes", "_written", "max_seq")
+    __slots__ = (
+        "_base",
+        "_last",
+        "_rx",
+        "_rx_bytes",
+        "_written",
+        "expected_total",
+        "last_loss",
+        "lost_total",
+        "max_seq",
+    )
 
     def __init__(self, seq: int, now: float) -> None:
         self.max_seq = self._base = seq
         self._rx = self._rx_bytes = self._written = 0
         self._last = now
+        #: the loss fraction of the last report, and the sums over every report so far
+        self.last_loss = 0.0
+        self.lost_total = self.expected_total = 0
 
     def seen(self, seq: int, size: int) -> None:
         """One sender datagram of ``size`` bytes with sequence number ``seq`` arrived."""
@@ -232,6 +245,11 @@ class Meter:
         self._rx_bytes += size
         if 0 < (seq - self.max_seq) & 0xFFFFFFFF < 0x80000000:
             self.max_seq = seq
+
+    @property
+    def total_loss(self) -> float:
+        """Datagrams lost / expected over every report so far (0.0 before the first)."""
+        return self.lost_total / self.expected_total if self.expected_total else 0.0
 
     def written(self, nbytes: int) -> None:
         """The shell verified and wrote ``nbytes`` of raw block content."""
@@ -241,11 +259,15 @@ class Meter:
         """(loss fraction, received bit/s, written bytes/s) since the last report; restart.
 
         ``dropped`` counts fragments we received but had to throw away (memory bounds),
-        which count as lost.
+        which count as lost. ``last_loss``, ``lost_total`` and ``expected_total`` keep the
+        figures for the receiver's stats.
         """
         expected = (self.max_seq - self._base) & 0xFFFFFFFF
         lost = max(0, expected - self._rx) + dropped
         loss = min(1.0, lost / expected) if expected else 0.0
+        self.last_loss = loss
+        self.lost_total += min(lost, expected)
+        self.expected_total += expected
         elapsed = max(now - self._last, 1e-6)
         rates = int(self._rx_bytes * 8 / elapsed), int(self._written / elapsed)
         self._base, self._last = self.max_seq, now

@@ -160,7 +160,12 @@ class ReceiverSession:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Counters: datagrams, fragments, duplicates, NAKs sent, drops by reason, progress."""
+        """Counters: datagrams, fragments, duplicates, NAKs sent, drops by reason, progress, loss.
+
+        ``loss`` is the fraction of sender datagrams lost in the interval of the last STATUS;
+        ``loss_total`` is ``lost_datagrams / expected_datagrams`` over every STATUS since the
+        JOIN_ACK (both 0.0 before the first STATUS).
+        """
         return {
             "state": self._state.value,
             "outcome": self.outcome,
@@ -176,6 +181,11 @@ class ReceiverSession:
             "fragments": self._objs.fragments,
             "duplicates": self._objs.duplicates,
             "partials_dropped": self._objs.partials_dropped,
+            # §4.4: the loss fraction of the last STATUS, and lost / expected since joining
+            "loss": self._meter.last_loss,
+            "loss_total": self._meter.total_loss,
+            "lost_datagrams": self._meter.lost_total,
+            "expected_datagrams": self._meter.expected_total,
             **dict(self._counts),
             "dropped": dict(self._dropped),
         }

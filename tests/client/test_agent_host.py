@@ -37,3 +37,12 @@ def test_a_progress_sample_is_what_the_server_accepts() -> None:
     s = rep.sample({"blocks_done": 1, "blocks_total": 4, "naks_sent": 3})
     assert (s["bytes_done"], s["bytes_total"], s["blocks_done"], s["naks"]) == (250, 1000, 1, 3)
     assert s["rate_bps"] > 0 and 0.0 <= s["loss"] <= 1.0
+
+
+def test_a_progress_sample_carries_the_receivers_loss_since_it_joined() -> None:
+    rep = ProgressReporter()
+    rep.start(1000)
+    s = rep.sample({"loss": 0.5, "loss_total": 0.02, "lost_datagrams": 2})
+    assert s["loss"] == 0.02
+    assert rep.sample({"loss": 0.03})["loss"] == 0.03  # an older receiver core: the last figure
+    assert rep.sample({"loss_total": "n/a"})["loss"] == 0.0
