@@ -76,6 +76,10 @@ class PeakRss:
         while not self._stop.wait(0.1):
             for pid in list(self.peak):
                 try:
+                    # Until it has exec'd fleetcast, the child is a copy of this harness.
+                    with open(f"/proc/{pid}/cmdline", "rb") as c:
+                        if b"fleetcast" not in c.read():
+                            continue
                     with open(f"/proc/{pid}/status") as f:
                         for line in f:
                             if line.startswith("VmHWM:"):
