@@ -4,7 +4,7 @@ The network is up (DHCP on every wired NIC, deploy/bootimage/init). This reads t
 command line the server's iPXE script set (server/services/boot.py)::
 
     fleetcast.server=URL fleetcast.token=T fleetcast.machine=ID [fleetcast.session=ID]
-    fleetcast.disk=RULE fleetcast.after=reboot|poweroff
+    fleetcast.disk=RULE fleetcast.after=reboot|poweroff|none
 
 then enrolls, finds the target disk by RULE (refusing ambiguity on the console and to the
 server), receives the assigned image with progress lines on the console, and reboots or
@@ -30,7 +30,7 @@ log = logging.getLogger("fleetcast")
 
 #: Block devices that are never a target: loop, RAM, zram, device-mapper, md, optical, floppy.
 _NOT_DISKS = ("loop", "ram", "zram", "dm-", "md", "sr", "fd", "nbd")
-AFTER = ("reboot", "poweroff")
+AFTER = ("reboot", "poweroff", "none")  #: none: stay up (the boot image's /init opens a shell)
 #: How long enrollment is retried (the server may be restarting; the network settling).
 ENROLL_FOR = 120.0
 #: Seconds a failure stays on screen before the machine reboots or powers off.
@@ -68,7 +68,7 @@ def parse_cmdline(text: str) -> BootParams:
         )
     after = args.get("after", "reboot")
     if after not in AFTER:
-        raise BootError(f"fleetcast.after={after!r}: expected reboot or poweroff")
+        raise BootError(f"fleetcast.after={after!r}: expected reboot, poweroff or none")
     try:
         machine, session = int(args.get("machine") or 0), int(args.get("session") or 0)
     except ValueError:
@@ -238,8 +238,12 @@ def deploy(params: BootParams, sys_block: Path = Path("/sys/block")) -> bool:
 
 
 def finish(after: str) -> None:
-    """Flush the disks and reboot or power off now (busybox, forced: we are the init)."""
+    """Flush the disks and reboot or power off now (busybox, forced: we are the init);
+    ``none`` only flushes: the machine stays up for whoever is at its console."""
     os.sync()
+    if after == "none":
+        say("staying up as the session says (fleetcast.after=none)")
+        return
     say(f"{after} now")
     subprocess.run(["/bin/busybox", after, "-f"], check=False)
 
@@ -257,7 +261,7 @@ def main() -> int:
     except (BootError, AgentError) as exc:
         say(f"FAILED: {exc}")
         ok = False
-    if not ok:
+    if not ok and params.after != "none":
         say(f"{params.after} in {SHOW_FAILURE:.0f} s")
         time.sleep(SHOW_FAILURE)
     finish(params.after)

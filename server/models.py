@@ -289,6 +289,14 @@ class CsvImportResult(SQLModel):
 
 # -- sessions ---------------------------------------------------------------------------------
 
+#: A session's target-disk rule (client/boot.py ``pick_disk``): ``auto``, ``largest``,
+#: ``smallest``, ``model:TEXT``, ``serial:TEXT`` or a device name (``sda``, ``/dev/nvme0n1``);
+#: only characters a kernel command line carries unquoted.
+DISK_RULE = (
+    r"^(auto|largest|smallest|(model|serial):[A-Za-z0-9._~+=:@%-]+"
+    r"|(/dev/)?[A-Za-z0-9][A-Za-z0-9._-]*)$"
+)
+
 
 class StartPolicy(SQLModel):
     """When the session opens, and when its transfer starts (server/services/policy.py).
@@ -326,6 +334,20 @@ class SessionCreate(SQLModel):
     start_policy: StartPolicy = Field(default_factory=StartPolicy)
     #: bits per second cap; None: automatic (follows the receivers)
     rate_bps: int | None = Field(default=None, ge=8192, le=100_000_000_000)
+    #: what a network-booted client does after the deployment; None: FLEETCAST_BOOT_AFTER
+    after: Literal["reboot", "poweroff", "none"] | None = None
+    #: which disk the client writes (docs/PXE.md); None: FLEETCAST_BOOT_DISK
+    disk_rule: str | None = Field(default=None, max_length=128)
+
+    @field_validator("disk_rule")
+    @classmethod
+    def _disk_rule(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(DISK_RULE, v):
+            raise ValueError(
+                f"disk_rule {v!r} is not a disk rule: use auto, largest, smallest, "
+                "model:TEXT, serial:TEXT or a device name such as sda (letters, digits, ._-)"
+            )
+        return v
 
 
 class Session(SQLModel, table=True):
@@ -353,6 +375,10 @@ class Session(SQLModel, table=True):
     ended_at: datetime | None = None
     #: counters of the sender at the end (bytes/datagrams sent, retransmissions, NAKs ...)
     stats: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
+    #: after the deployment the client does this: reboot, poweroff or none (schema 0003)
+    after: str = Field(default="reboot", max_length=16)
+    #: the client's target-disk rule (DISK_RULE), e.g. auto, sda, model:TEXT (schema 0003)
+    disk_rule: str = Field(default="auto", max_length=128)
 
 
 class SessionMachine(SQLModel, table=True):
@@ -417,6 +443,8 @@ class SessionPublic(SQLModel):
     ended_at: datetime | None
     stats: dict[str, Any]
     counts: dict[str, int] = {}
+    after: str = "reboot"
+    disk_rule: str = "auto"
 
 
 class SessionDetail(SessionPublic):
@@ -569,6 +597,9 @@ class Assignment(SQLModel):
     manifest_digest: str = ""  #: hex; the agent checks the manifest it receives against it
     manifest: str = ""  #: base64 of the canonical manifest bytes
     retry_after: float = 2.0
+    #: the session's post-deployment action (reboot | poweroff | none) and target-disk rule
+    after: str = ""
+    disk_rule: str = ""
 
 
 class ProgressSample(SQLModel):

@@ -66,6 +66,9 @@ class BootDecision:
     image: str = ""
     registered: bool = False  #: the machine was unknown and has just been created
     reason: str = ""
+    #: the deployment's own post-deployment action and disk rule ("": the server's defaults)
+    after: str = ""
+    disk_rule: str = ""
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,17 @@ def decide(db: DbSession, bus: EventBus | None, req: BootRequest, unknown: str) 
     ).first()
     if row is not None:
         s = row[1]
-        d = BootDecision(DEPLOY, mid, m.mac, s.id, s.image_name, not known, "deployment due")
+        d = BootDecision(
+            DEPLOY,
+            mid,
+            m.mac,
+            s.id,
+            s.image_name,
+            not known,
+            "deployment due",
+            after=s.after,
+            disk_rule=s.disk_rule,
+        )
     elif not known:
         d = BootDecision(
             MENU if unknown == MENU else LOCAL, mid, m.mac, registered=True, reason="registered"
@@ -209,14 +222,16 @@ def client_problem(opt: BootOptions) -> str:
 
 
 def kernel_command_line(d: BootDecision, opt: BootOptions) -> str:
-    """The client kernel's arguments (parsed by client/boot.py)."""
+    """The client kernel's arguments (parsed by client/boot.py); the session's ``after``
+    and ``disk_rule`` win over the server-wide defaults in ``opt``."""
+    disk = d.disk_rule if d.disk_rule and _SAFE_ARG.match(d.disk_rule) else opt.disk_rule
     args = [
         f"initrd={INITRD}",
         f"fleetcast.server={opt.base_url}",
         f"fleetcast.token={opt.enrollment_token}",
         f"fleetcast.machine={d.machine_id}",
-        f"fleetcast.disk={opt.disk_rule}",
-        f"fleetcast.after={opt.after}",
+        f"fleetcast.disk={disk}",
+        f"fleetcast.after={d.after or opt.after}",
         f"BOOTIF=01-{d.mac.replace(':', '-')}",
     ]
     if d.session_id is not None:

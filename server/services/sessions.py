@@ -164,6 +164,8 @@ def create_session(
         key_hex=secrets.token_bytes(32).hex(),
         created_by=actor,
         rerun_of=rerun_of,
+        after=req.after or settings.boot_after,
+        disk_rule=req.disk_rule or settings.boot_disk,
     )
     db.add(s)
     db.flush()
@@ -259,7 +261,12 @@ def rerun_failed(
         {**s.start_policy, "start": "now", "at": None, "not_after": None}
     )
     req = SessionCreate(
-        image=image.name, machine_ids=failed, start_policy=policy, rate_bps=s.rate_bps
+        image=image.name,
+        machine_ids=failed,
+        start_policy=policy,
+        rate_bps=s.rate_bps,
+        after=s.after,  # type: ignore[arg-type]  # validated when ``s`` was created
+        disk_rule=s.disk_rule,
     )
     return create_session(db, bus, settings, req, actor, rerun_of=s.id)
 
@@ -348,6 +355,8 @@ def assignment(db: DbSession, store: ImageStore, machine_id: int) -> Assignment:
         manifest_digest=manifest.digest().hex(),
         manifest=base64.b64encode(manifest_bytes).decode(),
         retry_after=0.0,
+        after=s.after,
+        disk_rule=s.disk_rule,
     )
 
 

@@ -28,12 +28,21 @@ def test_the_command_line_the_server_writes_is_read_back() -> None:
     assert parse_cmdline("fleetcast.server=http://s fleetcast.token=t").disk == "auto"
 
 
+def test_a_session_may_leave_the_machine_up_after_the_deployment() -> None:
+    line = "fleetcast.server=http://s fleetcast.token=t fleetcast.after=none fleetcast.disk=sda"
+    assert parse_cmdline(line).after == "none"
+    assert parse_cmdline("fleetcast.server=http://s fleetcast.token=t").after == "reboot"
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
         ("quiet", "no fleetcast.server="),
         ("fleetcast.server=http://s", "no fleetcast.token="),
-        ("fleetcast.server=http://s fleetcast.token=t fleetcast.after=halt", "reboot or poweroff"),
+        (
+            "fleetcast.server=http://s fleetcast.token=t fleetcast.after=halt",
+            "reboot, poweroff or none",
+        ),
         ("fleetcast.server=http://s fleetcast.token=t fleetcast.machine=x", "must be numbers"),
     ],
 )
