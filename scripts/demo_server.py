@@ -108,6 +108,7 @@ def main() -> int:
     p.add_argument("--machines", type=int, default=4, help="simulated PCs (default 4)")
     p.add_argument("--port", type=int, default=PORT, help="loopback port for the API")
     p.add_argument("--keep", action="store_true", help="keep running (API up) until Ctrl-C")
+    p.add_argument("--size", type=int, default=256, help="sample disk size in MiB (default 256)")
     args = p.parse_args()
     reason = lab_unavailable_reason()
     if reason:
@@ -124,8 +125,11 @@ def main() -> int:
         "FLEETCAST_ADMIN_PASSWORD": "demo-password",
         "FLEETCAST_PROGRESS_INTERVAL": "0.5",
     }
-    print("demo: building a 64 MiB sample disk (GPT + ext4) and capturing it ...", flush=True)
-    make_realistic_disk(work / "sample.img", 64 * MIB, seed=1)
+    print(
+        f"demo: building a {args.size} MiB sample disk (GPT + ext4) and capturing it ...",
+        flush=True,
+    )
+    make_realistic_disk(work / "sample.img", args.size * MIB, seed=1)
     run_fleetcast(
         env, "image", "capture", "--name", "sample", "--level", "1", str(work / "sample.img")
     )
@@ -166,8 +170,9 @@ def run_lab(lab: Lab, env: dict[str, str], work: Path, token: str, args: argpars
         time.sleep(0.2)
     forward_loopback(uds, args.port)
     print(
-        f"demo: server up. API docs: http://127.0.0.1:{args.port}/docs  "
-        f"(Authorize with the token {token})",
+        f"demo: server up. Dashboard: http://127.0.0.1:{args.port}/ui  (user demo, password "
+        f"{env['FLEETCAST_ADMIN_PASSWORD']}); API docs: http://127.0.0.1:{args.port}/docs  "
+        f"(Authorize with the token {token}). --keep leaves them up after the deployment.",
         flush=True,
     )
     url = f"http://{lab.sender.address}:{PORT}"
@@ -243,7 +248,7 @@ def summary(
         f"({kinds.count('machine.succeeded')} machines succeeded)"
     )
     if args.keep:
-        print(f"demo: still serving http://127.0.0.1:{args.port}/docs; Ctrl-C to stop")
+        print(f"demo: still serving http://127.0.0.1:{args.port}/ui and /docs; Ctrl-C to stop")
         with contextlib.suppress(KeyboardInterrupt):
             while True:
                 time.sleep(1)
