@@ -109,6 +109,9 @@ class SessionRunner:
         self._manifest_bytes = manifest_bytes
         self.read_ahead = ReadAhead(manifest, read_payload)
         self.on_update = on_update
+        #: called with a receiver's record as soon as the engine ends it (completed, evicted,
+        #: failed, left); the server records evictions and failures at once with it
+        self.on_receiver_end: Callable[[ReceiverRecord], None] | None = None
         self.transport: SenderTransport | None = None
 
     async def run(self) -> SendReport:
@@ -217,6 +220,11 @@ class SessionRunner:
     def _end(self, event: Any, state: str, reason: str) -> None:
         rec = self._record(event)
         rec.state, rec.reason, rec.ended_at = state, reason, time.monotonic()
+        if self.on_receiver_end is not None:
+            try:
+                self.on_receiver_end(rec)
+            except Exception:  # the server's bookkeeping must not stop the sender
+                log.exception("session %08x: on_receiver_end failed", self.options.session_id)
         log.info(
             "session %08x: receiver %08x %s %s",
             self.options.session_id,

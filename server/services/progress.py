@@ -56,6 +56,14 @@ class ProgressBuffer:
         with self._lock:
             return self._pending.pop((session_id, machine_id), None)
 
+    def machine_for(self, session_id: int, receiver_id: int) -> int | None:
+        """The machine whose pending sample of ``session_id`` claims ``receiver_id``."""
+        with self._lock:
+            for (sid, machine_id), pending in self._pending.items():
+                if sid == session_id and pending.receiver_id == receiver_id:
+                    return machine_id
+        return None
+
     def __len__(self) -> int:
         return len(self._pending)
 

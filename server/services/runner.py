@@ -30,6 +30,7 @@ from server.models import MACHINE_ACTIVE, Session, StartPolicy
 from server.multicast.run import SendOptions, SendReport, SessionRunner
 from server.multicast.sender import SenderSocketError
 from server.services import sessions as svc
+from server.services.engine_ends import EngineEnds
 from server.services.policy import NotStarted, StartNow, WaitState, evaluate
 from server.services.progress import ProgressBuffer
 
@@ -57,6 +58,8 @@ class SessionManager:
     ) -> None:
         self.engine, self.store, self.settings = engine, store, settings
         self.progress = progress
+        #: the engine's evictions and failures, recorded as they happen (engine_ends.py)
+        self.ends = EngineEnds(engine, bus, progress)
         self.bus, self.metrics = bus, metrics
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -135,6 +138,7 @@ class SessionManager:
         try:
             runner, policy, targets = await self._db(self._prepare, session_id)
             self.runners[session_id] = runner
+            runner.on_receiver_end = self.ends.hook(session_id)
             loop = asyncio.get_running_loop()
             run_task = loop.create_task(runner.run())
             stats_task = loop.create_task(self._watch(session_id, runner))
@@ -161,6 +165,7 @@ class SessionManager:
         finally:
             self.runners.pop(session_id, None)
             self._forced.discard(session_id)
+        await asyncio.shield(self.ends.settle(session_id))
         await asyncio.shield(self._db(self._finalize, session_id, report, reason))
 
     def _prepare(self, db: Any, session_id: int) -> tuple[SessionRunner, StartPolicy, int]:
@@ -238,6 +243,7 @@ class SessionManager:
         while True:
             await asyncio.sleep(STATS_INTERVAL)
             self._count(runner)
+            await self.ends.retry(session_id)
             stats = _engine_stats(runner)
             self.bus.publish("session.stats", session_id=session_id, **stats)
 

@@ -1,0 +1,104 @@
+"""An agent killed mid-transfer shows ``evicted`` with the engine's reason in the API while
+the session is still running (the engine's verdict is recorded as it happens, not at the
+end); the other machine completes and the session ends ``partial``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleethelp import BuiltImage, file_sha256
+from serverlab import ServerLab
+
+from bench.lab import Lab
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+
+@pytest.fixture
+def server_lab(
+    make_lab: Callable[..., Lab], small_image: BuiltImage, tmp_path: Path
+) -> Iterator[ServerLab]:
+    sl = ServerLab(make_lab(2), small_image.data_dir, tmp_path)
+    try:
+        yield sl
+    finally:
+        sl.close()
+
+
+def _machines(sl: ServerLab) -> list[dict[str, Any]]:
+    assert sl.api is not None
+    machines: list[dict[str, Any]] = sl.api.get("/api/machines").json()
+    return machines
+
+
+def test_a_killed_agent_is_evicted_with_the_reason_before_the_session_ends(
+    server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
+) -> None:
+    sl = server_lab
+    api = sl.start()
+    victim, survivor = sl.lab.receivers
+    targets = {n.address: tmp_path / f"{n.name}.img" for n in (victim, survivor)}
+    procs = {n.address: sl.agent(n, targets[n.address]) for n in (victim, survivor)}
+    machines = sl.wait_for("2 agents", lambda: len(_machines(sl)) == 2 and _machines(sl), 60)
+    ids = {m["address"]: m["id"] for m in machines}
+    r = api.post(
+        "/api/sessions",
+        json={
+            "image": small_image.name,
+            "machine_ids": list(ids.values()),
+            "start_policy": {"max_wait": 60},
+            # ~3 MiB stored at 2 Mbit/s: over 10 s, longer than the engine's 5 s silence limit
+            "rate_bps": 2_000_000,
+        },
+    )
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+
+    def detail() -> dict[str, Any]:
+        d: dict[str, Any] = api.get(f"/api/sessions/{sid}").json()
+        return d
+
+    def row(d: dict[str, Any], address: str) -> dict[str, Any]:
+        return next(m for m in d["machines"] if m["machine_id"] == ids[address])
+
+    sl.wait_for(
+        "both machines to be receiving",
+        lambda: all(
+            m["state"] == "receiving" and m["bytes_done"] > 0 for m in detail()["machines"]
+        ),
+        60,
+    )
+    assert sl.lab.kill(procs[victim.address]) == -9  # SIGKILL: its agent never reports
+
+    def evicted() -> dict[str, Any] | None:
+        d = detail()
+        return d if row(d, victim.address)["state"] == "evicted" else None
+
+    seen = sl.wait_for("the killed machine to show evicted", evicted, 30)
+    assert seen["state"] == "running", seen  # recorded as it happened, not when settling
+    assert row(seen, survivor.address)["state"] == "receiving"
+    reason = row(seen, victim.address)["reason"]
+    assert reason.startswith("silent: nothing heard for"), reason
+    assert row(seen, victim.address)["ended_at"]
+
+    def ended() -> dict[str, Any] | None:
+        d = detail()
+        return d if d["state"] not in ("pending", "running") else None
+
+    final = sl.wait_for("the session to end", ended, 120)
+    assert sl.lab.wait(procs[survivor.address], 30) == 0, sl.log(survivor.name)
+    assert final["state"] == "partial", final
+    assert row(final, victim.address)["state"] == "evicted"
+    assert row(final, victim.address)["reason"] == reason
+    assert row(final, survivor.address)["state"] == "succeeded"
+    assert file_sha256(targets[survivor.address]) == small_image.sha256
+    events = api.get("/api/events", params={"session_id": sid, "limit": 1000}).json()[::-1]
+    kinds = [(e["kind"], e["machine_id"], e["actor"]) for e in events]
+    evict = kinds.index(("machine.evicted", ids[victim.address], "server"))
+    assert evict < kinds.index(
+        ("machine.succeeded", ids[survivor.address], f"machine:{ids[survivor.address]}")
+    )
+    assert [k for k, mid, _ in kinds if mid == ids[victim.address]].count("machine.evicted") == 1
