@@ -151,9 +151,11 @@ def test_eight_receivers_with_loss_a_late_joiner_and_a_killed_one(
     assert time.monotonic() - started < 90
     counters = fleet.lab.nft_counters(nodes[1])  # the 2% loss really dropped datagrams
     assert re.search(r"counter packets [1-9]", counters), counters
-    # ... and the receiver measured it: --stats-json carries its loss since it joined
+    # ... and the receiver measured it: --stats-json carries its loss since it joined (not
+    # pinned near 2 %: the sender's UDP GSO batches cross the veths whole, so the rule drops
+    # a few dozen datagrams at a time; tests/e2e/test_server_loss.py splits them and pins it)
     session = fleet.stats(nodes[1])["session"]
-    assert 0.01 < session["loss_total"] < 0.2, session
+    assert 0.0 < session["loss_total"] < 0.2, session
     assert session["lost_datagrams"] > 0 and 0.0 <= session["loss"] <= 1.0
 
 
