@@ -524,6 +524,9 @@ def _meta(a: argparse.Namespace, reps: int, tag: str) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
         "load_end": os.getloadavg(),
     }
 

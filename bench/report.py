@@ -199,7 +199,8 @@ def write(meta: dict[str, Any], runs: list[Run], out: Path, tag: str) -> str:
     """Write ``out/TAG.md`` (and PNG charts); return the Markdown."""
     pngs = charts(runs, out, tag)
     text = (
-        f"# bench.compare: {tag}\n\n`{meta['command']}` — {meta['date']}, {meta['cpus']} CPUs, "
+        f"# bench.compare: {tag}\n\n`{meta['command']}` — {meta['date']}, commit "
+        f"{meta.get('commit', '?')}, {meta['cpus']} CPUs, "
         f"Linux {meta['kernel']}, Python {meta['python']}, image {meta['size'] // MIB} MiB, "
         f"{meta['reps']} repetition(s), capture zstd level {meta['level']}; 1-min load at the "
         f"end {meta['load_end'][0]:.1f} (per run in the last column).\n\n"
