@@ -290,13 +290,12 @@ class SessionManager:
 def _release(runner: SessionRunner) -> None:
     """Let the engine start the transfer with the receivers present.
 
-    The engine (protocol/sender.py) starts when ``min_receivers`` joined; the server holds it
-    at HOLD and lowers the threshold here when its start policy decides. The engine has no
-    public setter for this yet, so this one place sets its attribute.
+    The engine (protocol/sender.py) is held at HOLD receivers; the server's start policy
+    decides, then starts it through the engine's public start_transfer (PROTOCOL.md §3.2).
     """
     session = getattr(runner, "session", None)
     if session is not None:
-        session._min_receivers = 1
+        session.start_transfer(asyncio.get_running_loop().time())
 
 
 class _NotRunnable(Exception):

@@ -23,9 +23,20 @@ from server.metrics import Metrics
 from server.models import Image, Machine, SessionCreate, StartPolicy
 from server.models import Session as DeploySession
 from server.services import sessions as svc
-from server.services.runner import HOLD, SessionManager
+from server.services.runner import SessionManager
 
 T0 = datetime(2026, 11, 29, 2, 0, tzinfo=UTC).timestamp()
+
+
+class HeldEngine:
+    """Stands in for the engine's SenderSession: records start_transfer (PROTOCOL.md §3.2)."""
+
+    def __init__(self) -> None:
+        self.started = False
+
+    def start_transfer(self, now: float) -> bool:
+        self.started = True
+        return True
 
 
 class Gate:
@@ -65,7 +76,7 @@ class Gate:
         self.now = T0
         self.manager.clock = lambda: self.now
         self.runner: Any = SimpleNamespace(
-            report=SimpleNamespace(receivers={}), session=SimpleNamespace(_min_receivers=HOLD)
+            report=SimpleNamespace(receivers={}), session=HeldEngine()
         )
         self.policy = policy
 
@@ -116,10 +127,10 @@ async def test_quiet_period_releases_the_engine_and_absent_machines_are_no_show(
     gate, run_task = await _start(g)
     g.join(2)
     await asyncio.sleep(0.5)
-    assert g.runner.session._min_receivers == HOLD  # held: the quiet period runs
+    assert not g.runner.session.started  # held: the quiet period runs
     g.now = T0 + 31
     await _until(lambda: gate.done())
-    assert g.runner.session._min_receivers == 1
+    assert g.runner.session.started
     assert g.session().transfer_started_at is not None
     assert g.states() == ["assigned", "assigned", "no-show"]
     run_task.cancel()
@@ -155,7 +166,7 @@ async def test_the_operator_starts_now_with_those_present(settings: Settings) ->
     assert not gate.done()
     g.manager.force_start(g.sid)
     await _until(lambda: gate.done())
-    assert g.runner.session._min_receivers == 1
+    assert g.runner.session.started
     run_task.cancel()
 
 
@@ -167,7 +178,7 @@ async def test_a_running_session_is_cancelled_at_the_window_end_when_the_schedul
     g = Gate(settings, StartPolicy(not_after=end, at_window_end="cancel"))
     gate, run_task = await _start(g)
     g.join(3)
-    await _until(lambda: g.runner.session._min_receivers == 1)
+    await _until(lambda: g.runner.session.started)
     g.now = T0 + 3599
     await asyncio.sleep(0.3)
     assert not run_task.done()
