@@ -8,6 +8,7 @@ held in memory), then captured and removed.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -16,14 +17,18 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from sqlalchemy.engine import Engine
 from sqlmodel import Session as DbSession
 from sqlmodel import col, select
 
 from protocol.manifest import BlockKind, Manifest
+from server.db import db_session
+from server.events import EventBus
 from server.images.capture import CaptureOptions, capture_image
 from server.images.importer import import_image
 from server.images.store import ImageNotFound, ImageStore, StoreError, check_name
 from server.models import SESSION_ACTIVE, Image, Session
+from server.services.audit import record
 from server.services.errors import Conflict, Invalid, NotFound
 
 log = logging.getLogger(__name__)
@@ -147,6 +152,46 @@ async def receive_upload(store: ImageStore, chunks: AsyncIterator[bytes]) -> Pat
             path.unlink()
         raise
     return path
+
+
+async def upload_image(
+    engine: Engine,
+    store: ImageStore,
+    bus: EventBus,
+    name: str,
+    chunks: AsyncIterator[bytes],
+    *,
+    level: int,
+    actor: str,
+) -> Image:
+    """Stream an upload to a temporary file, capture it, register it and log it.
+
+    The body never sits in memory (receive_upload writes it as it comes); the raw file is
+    captured with every block kept and removed afterwards. Raises Invalid for a bad name,
+    Conflict for a taken one, and the store's errors for a capture that fails.
+    """
+    try:
+        check_name(name)
+    except StoreError as exc:
+        raise Invalid(str(exc)) from None
+    if store.exists(name):
+        raise Conflict(f"an image named {name!r} already exists; pick another name")
+    path = await receive_upload(store, chunks)
+    try:
+        await asyncio.to_thread(
+            capture_into_store, store, name, path, mode="capture", level=level, all_blocks=True
+        )
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def register() -> Image:
+        with db_session(engine) as db:
+            image = register_existing(db, store, name)
+            record(db, bus, "image.added", actor=actor, message=f"image {name} (upload)")
+            return image
+
+    return await asyncio.to_thread(register)
 
 
 def delete_image(db: DbSession, store: ImageStore, image: Image) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,14 +19,13 @@ from server.api.deps import (
     StoreDep,
     WebDep,
 )
-from server.db import db_session
-from server.images.store import StoreError, check_name
+from server.images.store import StoreError
 from server.models import GroupCreate, GroupUpdate, Machine, MachineUpdate, Session
 from server.services import images as svc
 from server.services import machines as machines_svc
 from server.services import wol
 from server.services.audit import record
-from server.services.errors import Conflict, Invalid, ServiceError
+from server.services.errors import Invalid, ServiceError
 from server.web.common import Csrf, check_post, page, see_other
 
 router = APIRouter(prefix=WEB_PREFIX, include_in_schema=False)
@@ -102,33 +99,15 @@ async def upload_image(
 ) -> Response:
     """A raw disk image as the body (the page's script sends the file with X-CSRF-Token)."""
     check_post(request, user)
-    try:
-        check_name(name)
-    except StoreError as exc:
-        raise Invalid(str(exc)) from None
-    if store.exists(name):
-        raise Conflict(f"an image named {name!r} already exists; pick another name")
-    path = await svc.receive_upload(store, request.stream())
-    try:
-        await asyncio.to_thread(
-            svc.capture_into_store,
-            store,
-            name,
-            path,
-            mode="capture",
-            level=settings.compression_level,
-            all_blocks=True,
-        )
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-    def register() -> None:
-        with db_session(request.app.state.engine) as db:
-            svc.register_existing(db, store, name)
-            record(db, bus, "image.added", actor=user.who.actor, message=f"image {name} (upload)")
-
-    await asyncio.to_thread(register)
+    await svc.upload_image(
+        request.app.state.engine,
+        store,
+        bus,
+        name,
+        request.stream(),
+        level=settings.compression_level,
+        actor=user.who.actor,
+    )
     return Response(status_code=204)
 
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 
 from server.api.deps import ERRORS, AdminDep, BusDep, DbDep, Id, SettingsDep, StoreDep
-from server.db import db_session
 from server.models import Image, ImagePublic, ImageRegister
 from server.services import images as svc
 from server.services.audit import record
@@ -80,37 +77,15 @@ async def upload_image(
     bus: BusDep,
 ) -> Image:
     """Upload a raw disk image as the request body (streamed to disk, then captured)."""
-    from server.images.store import StoreError, check_name
-    from server.services.errors import Conflict, Invalid
-
-    try:
-        check_name(name)
-    except StoreError as exc:
-        raise Invalid(str(exc)) from None
-    if store.exists(name):
-        raise Conflict(f"an image named {name!r} already exists; pick another name")
-    path = await svc.receive_upload(store, request.stream())
-    try:
-        await asyncio.to_thread(
-            svc.capture_into_store,
-            store,
-            name,
-            path,
-            mode="capture",
-            level=settings.compression_level,
-            all_blocks=True,
-        )
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-    def register() -> Image:
-        with db_session(request.app.state.engine) as db:
-            image = svc.register_existing(db, store, name)
-            record(db, bus, "image.added", actor=who.actor, message=f"image {name} (upload)")
-            return image
-
-    return await asyncio.to_thread(register)
+    return await svc.upload_image(
+        request.app.state.engine,
+        store,
+        bus,
+        name,
+        request.stream(),
+        level=settings.compression_level,
+        actor=who.actor,
+    )
 
 
 @router.delete("/{image_id}", status_code=status.HTTP_204_NO_CONTENT)
