@@ -33,6 +33,7 @@ from server.services import sessions as svc
 from server.services.engine_ends import EngineEnds
 from server.services.policy import NotStarted, StartNow, WaitState, evaluate
 from server.services.progress import ProgressBuffer
+from server.services.throughput import ThroughputHistory, median_mbytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -70,6 +71,8 @@ class SessionManager:
         self._forced: set[int] = set()
         #: sessions the gate ended: session id -> ("not-started" | "cancelled", reason)
         self._verdicts: dict[int, tuple[str, str]] = {}
+        #: running sessions' throughput over time (kept in ``stats["throughput"]`` at the end)
+        self.histories: dict[int, ThroughputHistory] = {}
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -101,6 +104,12 @@ class SessionManager:
             fn(session_id)
         else:
             loop.call_soon_threadsafe(fn, session_id)
+
+    def history(self, session_id: int) -> dict[str, Any] | None:
+        """The throughput history of running session ``session_id`` (ThroughputHistory.to_json),
+        None when it has none (not running in this process)."""
+        h = self.histories.get(session_id)
+        return h.to_json() if h is not None else None
 
     def _launch(self, session_id: int) -> None:
         if session_id in self.tasks or self._stopping:
@@ -239,13 +248,26 @@ class SessionManager:
         run_task.cancel()
 
     async def _watch(self, session_id: int, runner: SessionRunner) -> None:
-        """Every second: the sender's counters to /metrics and the live stream."""
+        """Every second: the sender's counters to /metrics, the throughput history and the
+        live stream (``session.stats`` carries the new point: ``t``, ``sender_mbps``,
+        ``median_mbps``)."""
+        history = self.histories.setdefault(session_id, ThroughputHistory())
         while True:
             await asyncio.sleep(STATS_INTERVAL)
             self._count(runner)
             await self.ends.retry(session_id)
             stats = _engine_stats(runner)
-            self.bus.publish("session.stats", session_id=session_id, **stats)
+            median = median_mbytes(await self._db(_receiving_rates, session_id))
+            now = self.clock()
+            sender, median = history.record(now, int(stats.get("bytes_sent", 0)), median)
+            self.bus.publish(
+                "session.stats",
+                session_id=session_id,
+                t=now,
+                sender_mbps=round(sender, 3),
+                median_mbps=round(median, 3),
+                **stats,
+            )
 
     def _count(self, runner: SessionRunner) -> None:
         self.metrics.add_sender(id(runner), _engine_stats(runner))
@@ -275,6 +297,9 @@ class SessionManager:
                 "wire": report.wire,
                 **_summary(report),
             }
+        history = self.histories.pop(session_id, None)
+        if history is not None and len(history):
+            stats["throughput"] = history.to_json()
         if reason == "gate":
             verdict, reason = self._verdicts.pop(session_id)
             if verdict == "not-started":
@@ -304,6 +329,11 @@ class _NotRunnable(Exception):
 
 def _active_machines(db: Any, session_id: int) -> int:
     return sum(1 for r in svc.session_machines(db, session_id) if r.state in MACHINE_ACTIVE)
+
+
+def _receiving_rates(db: Any, session_id: int) -> list[float | None]:
+    """The measured rates (bits/s) of the session's receiving machines."""
+    return [r.rate_bps for r in svc.session_machines(db, session_id) if r.state == "receiving"]
 
 
 def _engine_stats(runner: SessionRunner) -> dict[str, Any]:

@@ -104,9 +104,13 @@ def session_page(request: Request, session_id: Id, user: WebDep, db: DbDep) -> H
 
 
 @router.get("/sessions/{session_id}/state.json")
-def session_state(session_id: Id, _user: WebDep, db: DbDep) -> Response:
-    """The session and every machine's row, compact (500 machines is ~40 KB)."""
+def session_state(session_id: Id, _user: WebDep, db: DbDep, manager: ManagerDep) -> Response:
+    """The session and every machine's row, compact (500 machines is ~40 KB), and its
+    throughput history (the running sender's, or the one kept when the session ended)."""
     d = svc.detail(db, svc.get_session(db, session_id))
+    stats = dict(d.stats)
+    history = manager.history(session_id) or stats.pop("throughput", None)
+    stats.pop("throughput", None)
     rows = [
         [
             m.machine_id,
@@ -126,10 +130,11 @@ def session_state(session_id: Id, _user: WebDep, db: DbDep) -> Response:
         "id": d.id,
         "state": d.state,
         "reason": d.reason,
-        "stats": d.stats,
+        "stats": stats,
         "counts": d.counts,
         "columns": COLUMNS,
         "machines": rows,
+        "history": history or {"start": None, "step": 1.0, "points": []},
     }
     return Response(json.dumps(body, default=str), media_type="application/json")
 

@@ -13,8 +13,11 @@
   let sortKey = "name", sortDir = 1, needSort = true, needFilter = true;
   let sessionState = root.dataset.state;
   let reloadTimer = null;
-  const chart = [];                 // {t, sender, median} in MB/s
-  let lastStats = null;
+  // The throughput chart: the server's history from state.json (the whole session, at most
+  // ~600 points), then one point a second from the session.stats events.
+  const chart = [];                 // {t (epoch s), sender, median} in MB/s
+  const CHART_MAX = 1200;           // beyond this, neighbouring points are averaged pairwise
+  let historyLoaded = false, chartDirty = false;
 
   function pct(r) { return r.state === "succeeded" ? 100 : (r.total ? 100 * r.done / r.total : 0); }
   function eta(r) {
@@ -65,6 +68,7 @@
     if (resp.status === 401 || resp.redirected) { location.reload(); return; }
     const data = await resp.json();
     for (const m of data.machines) upsert(data.columns, m);
+    if (!historyLoaded) loadHistory(data.history);
     setSessionState(data.state, data.reason);
     document.getElementById("t-counts").textContent =
       Object.entries(data.counts).map(([k, v]) => `${v} ${k}`).join(" · ");
@@ -98,26 +102,43 @@
     if (sortKey !== "name" && sortKey !== "state") needSort = true;
   }
 
+  function loadHistory(h) {
+    if (!h || !h.points || !h.points.length || h.start == null) return;
+    historyLoaded = true;
+    const past = h.points.map(p => ({t: h.start + p[0], sender: p[1], median: p[2]}));
+    const last = past[past.length - 1].t;
+    const live = chart.filter(p => p.t > last);    // samples that came before state.json did
+    chart.splice(0, chart.length, ...past, ...live);
+    chartDirty = true;
+  }
+
   function onStats(m) {
-    const now = Date.now() / 1000;
-    let sender = 0;
-    if (lastStats && now > lastStats.t) sender = (m.bytes_sent - lastStats.bytes) / (now - lastStats.t) / 1e6;
-    lastStats = {t: now, bytes: m.bytes_sent};
-    const active = [...rows.values()].filter(r => r.state === "receiving" && r.rate).map(r => r.rate / 8e6);
-    chart.push({t: now, sender: Math.max(0, sender), median: median(active)});
-    if (chart.length > 300) chart.shift();
-    drawChart();
+    if (typeof m.t !== "number") return;
+    chart.push({t: m.t, sender: m.sender_mbps || 0, median: m.median_mbps || 0});
+    if (chart.length > CHART_MAX) {
+      const halved = [];
+      for (let i = 0; i + 1 < chart.length; i += 2) {
+        const a = chart[i], b = chart[i + 1];
+        halved.push({t: a.t, sender: (a.sender + b.sender) / 2, median: (a.median + b.median) / 2});
+      }
+      if (chart.length % 2) halved.push(chart[chart.length - 1]);
+      chart.splice(0, chart.length, ...halved);
+    }
+    chartDirty = true;
   }
 
   function drawChart() {
+    chartDirty = false;
     if (chart.length < 2) return;
     const t0 = chart[0].t, t1 = chart[chart.length - 1].t || t0 + 1;
-    const top = Math.max(1, ...chart.map(p => Math.max(p.sender, p.median))) * 1.1;
+    let top = 1;
+    for (const p of chart) top = Math.max(top, p.sender, p.median);
+    top *= 1.1;
     const pts = key => chart.map(p =>
       `${(600 * (p.t - t0) / Math.max(1, t1 - t0)).toFixed(1)},${(139 - 135 * p[key] / top).toFixed(1)}`).join(" ");
     document.getElementById("line-sender").setAttribute("points", pts("sender"));
     document.getElementById("line-median").setAttribute("points", pts("median"));
-    document.getElementById("chart-max").textContent = `top ${top.toFixed(1)} MB/s, last ${Math.round(t1 - t0)} s`;
+    document.getElementById("chart-max").textContent = `top ${top.toFixed(1)} MB/s, over ${fmtEta(t1 - t0)}`;
   }
 
   function sortValue(r, key) {
@@ -137,6 +158,7 @@
     perf.lastMs = performance.now() - t0;
     perf.maxMs = Math.max(perf.maxMs, perf.lastMs);
     perf.renders++;
+    if (chartDirty) drawChart();
   }
 
   function renderNow() {
