@@ -14,6 +14,8 @@ from server.api.deps import WEB_COOKIE
 from server.db import db_session
 from server.models import SessionMachine
 from server.services import machines as machines_svc
+from server.services import sessions as svc
+from server.services.throughput import ThroughputHistory
 from server.web.sessions import spread
 
 UI = "/ui"
@@ -284,3 +286,30 @@ def test_a_group_is_renamed_given_a_wake_on_lan_target_and_deleted(api: Api) -> 
     assert api.get(f"/api/groups/{gid}").json()["wol_broadcast"] == "10.9.0.255"
     gone = api.client.post(f"{UI}/groups/{gid}/delete", data={"csrf": csrf}, follow_redirects=False)
     assert gone.status_code == 303 and api.get("/api/groups").json() == []
+
+
+def test_a_finished_session_page_carries_its_whole_throughput_history(api: Api) -> None:
+    """The chart of an ended session starts from the history the runner kept, not empty."""
+    _login(api)
+    _captured(api)
+    api.enroll("52:54:00:aa:00:07")
+    sid = api.post(
+        "/api/sessions",
+        json={"image": "golden", "machine_ids": [1], "start_policy": {"start": "manual"}},
+    ).json()["id"]
+    page = f"{UI}/sessions/{sid}"
+    assert api.client.get(f"{page}/state.json").json()["history"]["points"] == []
+    engine = api.client.app.state.engine  # type: ignore[attr-defined]
+    with db_session(engine) as db:  # running, without a sender: the test plays the runner
+        svc.mark_running(db, None, svc.get_session(db, sid), "test")
+    manager = api.client.app.state.manager  # type: ignore[attr-defined]
+    history = manager.histories.setdefault(sid, ThroughputHistory())
+    for i in range(6):
+        history.record(1_800_000_000.0 + i, i * 50_000_000, 20.0)
+    running = api.client.get(f"{page}/state.json").json()["history"]
+    assert len(running["points"]) == 5 and running["points"][0] == [1.0, 50.0, 20.0]
+    with db_session(engine) as db:
+        manager._finalize(db, sid, None, "the test ended it")
+    state = api.client.get(f"{page}/state.json").json()
+    assert state["state"] == "failed" and state["reason"] == "the test ended it"
+    assert state["history"] == running and "throughput" not in state["stats"]
