@@ -156,6 +156,22 @@ class ServerLab:
         logs = "\n".join(f"--- {n}\n{self.log(n)[-3000:]}" for n in self.procs)
         raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
+    def machines(self) -> list[dict[str, Any]]:
+        """The server's machine list (GET /api/machines)."""
+        assert self.api is not None, "start() the server first"
+        machines: list[dict[str, Any]] = self.api.get("/api/machines").json()
+        return machines
+
+    def wait_for_machines(self, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+        """Wait until ``count`` agents have enrolled; their machine records."""
+
+        def enrolled() -> list[dict[str, Any]] | None:
+            machines = self.machines()
+            return machines if len(machines) == count else None
+
+        result: list[dict[str, Any]] = self.wait_for(f"{count} agents to enroll", enrolled, timeout)
+        return result
+
     def close(self) -> None:
         if self.api is not None:
             self.api.close()

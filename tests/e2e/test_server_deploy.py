@@ -55,14 +55,6 @@ class LiveEvents:
                         return
 
 
-def _machines(sl: ServerLab) -> list[dict[str, Any]]:
-    assert sl.api is not None
-    r = sl.api.get("/api/machines")
-    assert r.status_code == 200, r.text
-    machines: list[dict[str, Any]] = r.json()
-    return machines
-
-
 def test_a_session_created_through_the_api_deploys_to_four_agents(
     server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
 ) -> None:
@@ -70,9 +62,7 @@ def test_a_session_created_through_the_api_deploys_to_four_agents(
     api = sl.start()
     targets = [tmp_path / f"disk-{n.name}.img" for n in sl.lab.receivers]
     agents = [sl.agent(n, t) for n, t in zip(sl.lab.receivers, targets, strict=True)]
-    machines = sl.wait_for(
-        "4 agents to enroll", lambda: len(_machines(sl)) == AGENTS and _machines(sl), 60
-    )
+    machines = sl.wait_for_machines(AGENTS)
     assert {m["address"] for m in machines} == {n.address for n in sl.lab.receivers}
     assert all(m["inventory"]["nics"] for m in machines)
 
@@ -115,7 +105,7 @@ def test_a_session_created_through_the_api_deploys_to_four_agents(
         assert [e["actor"] for e in events if e["machine_id"] == m["id"]] == [
             f"machine:{m['id']}"
         ] * 3
-    after = {m["id"]: m for m in _machines(sl)}
+    after = {m["id"]: m for m in sl.machines()}
     assert all(
         m["last_outcome"] == "succeeded" and m["last_image_id"] == detail["image_id"]
         for m in after.values()
@@ -160,7 +150,7 @@ def test_cancel_stops_the_sender_and_the_agents(
     sl = server_lab
     api = sl.start()
     agents = [sl.agent(n, tmp_path / f"{n.name}.img") for n in sl.lab.receivers[:2]]
-    machines = sl.wait_for("2 agents", lambda: len(_machines(sl)) == 2 and _machines(sl), 60)
+    machines = sl.wait_for_machines(2)
     sid = _start_slow_session(sl, small_image, machines)
     r = api.post(f"/api/sessions/{sid}/cancel")
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
@@ -186,7 +176,7 @@ def test_after_kill_9_the_session_ends_failed_and_a_rerun_completes(
     targets = [tmp_path / f"{n.name}.img" for n in sl.lab.receivers[:2]]
     for node, target in zip(sl.lab.receivers[:2], targets, strict=True):
         sl.agent(node, target, "--loop")
-    machines = sl.wait_for("2 agents", lambda: len(_machines(sl)) == 2 and _machines(sl), 60)
+    machines = sl.wait_for_machines(2)
     sid = _start_slow_session(sl, small_image, machines)
     sl.lab.kill(sl.procs["server"])  # SIGKILL: no shutdown code runs
     api = sl.start()
@@ -214,7 +204,7 @@ def test_two_sessions_run_at_once_without_cross_talk(
     api = sl.start()
     targets = {n.address: tmp_path / f"{n.name}.img" for n in sl.lab.receivers}
     agents = [sl.agent(n, targets[n.address]) for n in sl.lab.receivers]
-    machines = sl.wait_for("4 agents", lambda: len(_machines(sl)) == AGENTS and _machines(sl), 60)
+    machines = sl.wait_for_machines(AGENTS)
     halves = [machines[:2], machines[2:]]
     sids = []
     for half in halves:

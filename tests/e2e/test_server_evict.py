@@ -28,12 +28,6 @@ def server_lab(
         sl.close()
 
 
-def _machines(sl: ServerLab) -> list[dict[str, Any]]:
-    assert sl.api is not None
-    machines: list[dict[str, Any]] = sl.api.get("/api/machines").json()
-    return machines
-
-
 def test_a_killed_agent_is_evicted_with_the_reason_before_the_session_ends(
     server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
 ) -> None:
@@ -42,7 +36,7 @@ def test_a_killed_agent_is_evicted_with_the_reason_before_the_session_ends(
     victim, survivor = sl.lab.receivers
     targets = {n.address: tmp_path / f"{n.name}.img" for n in (victim, survivor)}
     procs = {n.address: sl.agent(n, targets[n.address]) for n in (victim, survivor)}
-    machines = sl.wait_for("2 agents", lambda: len(_machines(sl)) == 2 and _machines(sl), 60)
+    machines = sl.wait_for_machines(2)
     ids = {m["address"]: m["id"] for m in machines}
     r = api.post(
         "/api/sessions",

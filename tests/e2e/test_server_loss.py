@@ -29,12 +29,6 @@ def server_lab(
         sl.close()
 
 
-def _machines(sl: ServerLab) -> list[dict[str, Any]]:
-    assert sl.api is not None
-    machines: list[dict[str, Any]] = sl.api.get("/api/machines").json()
-    return machines
-
-
 def test_the_loss_behind_a_2_percent_drop_rule_is_recorded_near_2_percent(
     server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
 ) -> None:
@@ -52,7 +46,7 @@ def test_the_loss_behind_a_2_percent_drop_rule_is_recorded_near_2_percent(
     )
     targets = {n.address: tmp_path / f"{n.name}.img" for n in (lossy, clean)}
     agents = [sl.agent(n, targets[n.address]) for n in (lossy, clean)]
-    machines = sl.wait_for("2 agents", lambda: len(_machines(sl)) == 2 and _machines(sl), 60)
+    machines = sl.wait_for_machines(2)
     by_address = {m["address"]: m["id"] for m in machines}
     r = api.post(
         "/api/sessions",
