@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from fleethelp import MIB, ROOT, BuiltImage, Fleet, build_image
+from serverlab import ServerLab
 
 from bench.disks import make_realistic_disk
 from bench.lab import Lab, lab_unavailable_reason
@@ -114,3 +115,19 @@ def make_fleet(make_lab: Callable[..., Lab], tmp_path: Path) -> Callable[..., Fl
         return Fleet(lab, image, key, logs, group, 20000 + secrets.randbelow(20000))
 
     return factory
+
+
+@pytest.fixture
+def server_lab(
+    request: pytest.FixtureRequest,
+    make_lab: Callable[..., Lab],
+    small_image: BuiltImage,
+    tmp_path: Path,
+) -> Iterator[ServerLab]:
+    """A lab with the server in the sender namespace and the test module's ``AGENTS``
+    (default 2) machine namespaces; its processes are stopped whatever happens."""
+    sl = ServerLab(make_lab(getattr(request.module, "AGENTS", 2)), small_image.data_dir, tmp_path)
+    try:
+        yield sl
+    finally:
+        sl.close()

@@ -4,7 +4,6 @@ a session, watch every machine reach 100% in the live grid, cancel another sessi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +12,8 @@ from browser import browser_page, screenshot
 from fleethelp import BuiltImage, file_sha256
 from serverlab import ServerLab
 
-from bench.lab import Lab
-
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 AGENTS = 4
-
-
-@pytest.fixture
-def server_lab(
-    make_lab: Callable[..., Lab], small_image: BuiltImage, tmp_path: Path
-) -> Iterator[ServerLab]:
-    sl = ServerLab(make_lab(AGENTS), small_image.data_dir, tmp_path)
-    try:
-        yield sl
-    finally:
-        sl.close()
 
 
 def _log_in(page: Any, url: str) -> None:

@@ -8,7 +8,6 @@ log tells the story, and every target file is byte-identical to the image.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,21 +15,8 @@ import pytest
 from fleethelp import BuiltImage, file_sha256
 from serverlab import ServerLab
 
-from bench.lab import Lab
-
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
 AGENTS = 4
-
-
-@pytest.fixture
-def server_lab(
-    make_lab: Callable[..., Lab], small_image: BuiltImage, tmp_path: Path
-) -> Iterator[ServerLab]:
-    sl = ServerLab(make_lab(AGENTS), small_image.data_dir, tmp_path)
-    try:
-        yield sl
-    finally:
-        sl.close()
 
 
 class LiveEvents:

@@ -4,7 +4,6 @@ end); the other machine completes and the session ends ``partial``."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,20 +11,7 @@ import pytest
 from fleethelp import BuiltImage, file_sha256
 from serverlab import ServerLab
 
-from bench.lab import Lab
-
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
-
-
-@pytest.fixture
-def server_lab(
-    make_lab: Callable[..., Lab], small_image: BuiltImage, tmp_path: Path
-) -> Iterator[ServerLab]:
-    sl = ServerLab(make_lab(2), small_image.data_dir, tmp_path)
-    try:
-        yield sl
-    finally:
-        sl.close()
 
 
 def test_a_killed_agent_is_evicted_with_the_reason_before_the_session_ends(

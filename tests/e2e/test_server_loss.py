@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,20 +12,7 @@ import pytest
 from fleethelp import BuiltImage, file_sha256
 from serverlab import ServerLab
 
-from bench.lab import Lab
-
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
-
-
-@pytest.fixture
-def server_lab(
-    make_lab: Callable[..., Lab], small_image: BuiltImage, tmp_path: Path
-) -> Iterator[ServerLab]:
-    sl = ServerLab(make_lab(2), small_image.data_dir, tmp_path)
-    try:
-        yield sl
-    finally:
-        sl.close()
 
 
 def test_the_loss_behind_a_2_percent_drop_rule_is_recorded_near_2_percent(
