@@ -128,4 +128,42 @@ def api(settings: Settings) -> Iterator[Api]:
         yield Api(client, settings, token)
 
 
-__all__ = ["Api", "add_admin", "api", "database_url", "settings"]
+def seed_running_session(
+    db: Any,
+    settings: Settings,
+    *,
+    machines: int = 3,
+    mac_prefix: str = "52:54:00:00:01",
+    policy: Any = None,
+) -> int:
+    """An image row ``win11`` (no store behind it), ``machines`` machines and a session of
+    them marked running, in ``db``; returns the session id."""
+    from server.models import Image, Machine, SessionCreate, StartPolicy
+    from server.services import sessions as svc
+
+    db.add(
+        Image(
+            name="win11",
+            digest="0" * 64,
+            image_size=1,
+            stored_bytes=1,
+            data_bytes=1,
+            block_size=1,
+            block_count=1,
+            data_blocks=1,
+            zero_blocks=0,
+        )
+    )
+    ids = []
+    for i in range(machines):
+        m = Machine(mac=f"{mac_prefix}:{i:02x}")
+        db.add(m)
+        db.flush()
+        ids.append(m.id or 0)
+    req = SessionCreate(image="win11", machine_ids=ids, start_policy=policy or StartPolicy())
+    s = svc.create_session(db, None, settings, req, "test")
+    svc.mark_running(db, None, s, "test")
+    return s.id or 0
+
+
+__all__ = ["Api", "add_admin", "api", "database_url", "seed_running_session", "settings"]

@@ -14,14 +14,15 @@ from typing import Any
 
 import pytest
 from apitest import *  # noqa: F403
+from apitest import seed_running_session
 
 from server.config import Settings
 from server.db import db_session, make_engine, migrate
 from server.events import EventBus
 from server.images.store import ImageStore
 from server.metrics import Metrics
-from server.models import Image, Machine, SessionCreate, StartPolicy
 from server.models import Session as DeploySession
+from server.models import StartPolicy
 from server.services import sessions as svc
 from server.services.runner import SessionManager
 
@@ -46,29 +47,7 @@ class Gate:
         self.engine = make_engine(settings.db_url)
         migrate(self.engine)
         with db_session(self.engine) as db:
-            db.add(
-                Image(
-                    name="win11",
-                    digest="0" * 64,
-                    image_size=1,
-                    stored_bytes=1,
-                    data_bytes=1,
-                    block_size=1,
-                    block_count=1,
-                    data_blocks=1,
-                    zero_blocks=0,
-                )
-            )
-            ids = []
-            for i in range(3):
-                m = Machine(mac=f"52:54:00:00:01:0{i}")
-                db.add(m)
-                db.flush()
-                ids.append(m.id or 0)
-            req = SessionCreate(image="win11", machine_ids=ids, start_policy=policy)
-            s = svc.create_session(db, None, settings, req, "test")
-            svc.mark_running(db, None, s, "test")
-            self.sid = s.id or 0
+            self.sid = seed_running_session(db, settings, policy=policy)
             self.rows = [r.id for r in svc.session_machines(db, self.sid)]
         self.manager = SessionManager(
             self.engine, ImageStore(settings.image_root), settings, EventBus(), Metrics(self.engine)

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 from apitest import *  # noqa: F403
+from apitest import seed_running_session
 
 from server.config import Settings
 from server.db import db_session, make_engine, migrate
 from server.events import EventBus
 from server.images.store import ImageStore
 from server.metrics import Metrics
-from server.models import Image, Machine, SessionCreate
 from server.services import runner as runner_mod
 from server.services import sessions as svc
 from server.services.runner import SessionManager
@@ -92,30 +92,7 @@ async def test_the_runner_records_the_history_and_keeps_it_in_the_session_stats(
     engine = make_engine(settings.db_url)
     migrate(engine)
     with db_session(engine) as db:
-        db.add(
-            Image(
-                name="win11",
-                digest="0" * 64,
-                image_size=1,
-                stored_bytes=1,
-                data_bytes=1,
-                block_size=1,
-                block_count=1,
-                data_blocks=1,
-                zero_blocks=0,
-            )
-        )
-        ids = []
-        for i in range(3):
-            m = Machine(mac=f"52:54:00:00:02:0{i}")
-            db.add(m)
-            db.flush()
-            ids.append(m.id or 0)
-        s = svc.create_session(
-            db, None, settings, SessionCreate(image="win11", machine_ids=ids), "t"
-        )
-        svc.mark_running(db, None, s, "t")
-        sid = s.id or 0
+        sid = seed_running_session(db, settings, mac_prefix="52:54:00:00:02")
         for row, rate in zip(svc.session_machines(db, sid), (80e6, 160e6, 0.0), strict=True):
             row.state, row.rate_bps = "receiving", rate
             db.add(row)
