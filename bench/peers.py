@@ -335,5 +335,14 @@ class Fleetcast(Tool):
 
 
 def all_tools() -> list[Tool]:
-    """Every contender, fleetcast last (its ratios are to the others)."""
+    """Every contender, fleetcast last (its ratios are to the others); ``fleetcast-server``
+    (bench/viaserver.py: the same engine driven through the server and its agents) is
+    chosen by name only (``--tools``)."""
     return [Udpcast(), Udpcast(zstd=True), Uftp(), Http(), Fleetcast()]
+
+
+def tool_by_name() -> dict[str, Tool]:
+    """Every tool ``--tools`` may name, the default set plus ``fleetcast-server``."""
+    from bench.viaserver import FleetcastServer  # it builds on this module
+
+    return {t.name: t for t in [*all_tools(), FleetcastServer()]}
