@@ -11,7 +11,10 @@ States (one table each, changed only through server/services/sessions.py):
   ``partial`` | ``failed`` | ``cancelled`` | ``not-started`` (its start policy's maximum
   wait or its maintenance window ended before the transfer started).
 - SessionMachine: ``pending`` -> ``assigned`` (its agent fetched the assignment) ->
-  ``receiving`` -> ``succeeded`` | ``failed`` | ``evicted`` | ``cancelled`` | ``no-show``.
+  ``receiving`` -> ``succeeded`` | ``failed`` | ``evicted`` | ``cancelled`` | ``no-show``;
+  with catch-up on (issue 9), an evicted machine, or one that arrives after the transfer,
+  goes to ``catchup`` (fetching blocks over HTTP, server/services/catchup.py) ->
+  ``succeeded`` | ``failed``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ DbId = Annotated[int, Ge(1), Le(MAX_ID)]
 SESSION_ACTIVE = ("pending", "running")
 SESSION_ENDED = ("succeeded", "partial", "failed", "cancelled", "not-started")
 SESSION_STATES = SESSION_ACTIVE + SESSION_ENDED
-MACHINE_ACTIVE = ("pending", "assigned", "receiving")
+MACHINE_ACTIVE = ("pending", "assigned", "receiving", "catchup")
 MACHINE_ENDED = ("succeeded", "failed", "evicted", "cancelled", "no-show")
 MACHINE_STATES = MACHINE_ACTIVE + MACHINE_ENDED
 
@@ -66,6 +69,12 @@ def check_name(text: str, what: str = "name") -> str:
             "starting with a letter or digit"
         )
     return text
+
+
+def image_family(name: str) -> str:
+    """An image's default family: its name up to the last ``/`` if any, else the name."""
+    head, sep, _ = name.rpartition("/")
+    return head if sep and head else name
 
 
 def json_column() -> Any:
@@ -143,6 +152,9 @@ class Image(SQLModel, table=True):
     partition_table: str = Field(default="none", max_length=16)
     source: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
     created_at: datetime = Field(default_factory=utcnow)
+    #: images of one family are versions of one system (delta re-imaging, schema 0004);
+    #: default: the name up to its last "/" (``win11/2026-11`` -> ``win11``), else the name
+    family: str = Field(default="", index=True, max_length=128)
 
 
 class ImagePublic(SQLModel):
@@ -159,6 +171,7 @@ class ImagePublic(SQLModel):
     partition_table: str
     source: dict[str, Any]
     created_at: datetime
+    family: str = ""
 
 
 class ImageRegister(SQLModel):
@@ -170,6 +183,8 @@ class ImageRegister(SQLModel):
     mode: Literal["capture", "import", "existing"] = "capture"
     level: int | None = Field(default=None, ge=1, le=19)
     all_blocks: bool = False
+    #: the image family (delta re-imaging); "": derived from the name (image_family)
+    family: str = Field(default="", max_length=128)
 
 
 # -- groups and machines ----------------------------------------------------------------------
@@ -338,6 +353,9 @@ class SessionCreate(SQLModel):
     after: Literal["reboot", "poweroff", "none"] | None = None
     #: which disk the client writes (docs/PXE.md); None: FLEETCAST_BOOT_DISK
     disk_rule: str | None = Field(default=None, max_length=128)
+    #: delta re-imaging (skip blocks the disk holds): "auto" when the disk holds an image of
+    #: the same family or resumes this session, "always", "never" (services/catchup.py)
+    delta: Literal["auto", "always", "never"] = "auto"
 
     @field_validator("disk_rule")
     @classmethod
@@ -379,6 +397,11 @@ class Session(SQLModel, table=True):
     after: str = Field(default="reboot", max_length=16)
     #: the client's target-disk rule (DISK_RULE), e.g. auto, sda, model:TEXT (schema 0003)
     disk_rule: str = Field(default="auto", max_length=128)
+    #: delta re-imaging: auto | always | never (schema 0004)
+    delta: str = Field(default="auto", max_length=8)
+    #: when the multicast sender ended; later arrivals and evicted machines catch up over
+    #: HTTP until the verdict (schema 0004)
+    transfer_ended_at: datetime | None = None
 
 
 class SessionMachine(SQLModel, table=True):
@@ -403,6 +426,16 @@ class SessionMachine(SQLModel, table=True):
     started_at: datetime | None = None
     updated_at: datetime | None = None
     ended_at: datetime | None = None
+    #: what the agent does now: hashing | multicast | catchup | verifying (schema 0004)
+    phase: str = Field(default="", max_length=16)
+    #: data blocks/raw bytes already on the disk, verified, not transferred ("spared")
+    held_blocks: int = 0
+    held_bytes: int = Field(default=0, sa_type=BigInteger)
+    #: data blocks/stored bytes fetched over HTTP by catch-up
+    catchup_blocks: int = 0
+    catchup_bytes: int = Field(default=0, sa_type=BigInteger)
+    #: how its result came: "multicast" | "catchup" ("" before a result)
+    via: str = Field(default="", max_length=16)
 
 
 class SessionMachinePublic(SQLModel):
@@ -422,6 +455,12 @@ class SessionMachinePublic(SQLModel):
     started_at: datetime | None
     updated_at: datetime | None
     ended_at: datetime | None
+    phase: str = ""
+    held_blocks: int = 0
+    held_bytes: int = 0
+    catchup_blocks: int = 0
+    catchup_bytes: int = 0
+    via: str = ""
 
 
 class SessionPublic(SQLModel):
@@ -445,6 +484,8 @@ class SessionPublic(SQLModel):
     counts: dict[str, int] = {}
     after: str = "reboot"
     disk_rule: str = "auto"
+    delta: str = "auto"
+    transfer_ended_at: datetime | None = None
 
 
 class SessionDetail(SessionPublic):
@@ -600,6 +641,12 @@ class Assignment(SQLModel):
     #: the session's post-deployment action (reboot | poweroff | none) and target-disk rule
     after: str = ""
     disk_rule: str = ""
+    #: "multicast" (join the transfer) or "catchup" (the transfer is over or this machine was
+    #: evicted: fetch GET /api/agent/sessions/{id}/blocks/{index}); issue 9
+    mode: str = "multicast"
+    #: hash the target disk first and skip the blocks it holds (services/catchup.py)
+    delta: bool = False
+    image_id: int = 0
 
 
 class ProgressSample(SQLModel):
@@ -616,6 +663,11 @@ class AgentProgress(SQLModel):
     session_id: DbId
     receiver_id: int | None = Field(default=None, ge=0, le=0xFFFFFFFF)
     samples: list[ProgressSample] = Field(min_length=1, max_length=64)
+    #: hashing | multicast | catchup | verifying ("": not said, an older agent)
+    phase: Literal["", "hashing", "multicast", "catchup", "verifying"] = ""
+    #: data blocks/raw bytes already on the disk and verified (delta: not transferred)
+    held_blocks: int = Field(default=0, ge=0, le=1 << 32)
+    held_bytes: int = Field(default=0, ge=0, le=1 << 50)
 
 
 class AgentProgressReply(SQLModel):
@@ -631,6 +683,8 @@ class AgentResult(SQLModel):
     blocks_done: int = Field(default=0, ge=0, le=1 << 32)
     manifest_digest: str = Field(default="", max_length=64)
     stats: dict[str, Any] = Field(default_factory=dict)
+    #: how the blocks came: the multicast transfer or catch-up over HTTP (issue 9)
+    via: Literal["multicast", "catchup"] = "multicast"
 
 
 # -- audit log --------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from server.events import EventBus
 from server.images.capture import CaptureOptions, capture_image
 from server.images.importer import import_image
 from server.images.store import ImageNotFound, ImageStore, StoreError, check_name
-from server.models import SESSION_ACTIVE, Image, Session
+from server.models import SESSION_ACTIVE, Image, Session, image_family
 from server.services.audit import record
 from server.services.errors import Conflict, Invalid, NotFound
 
@@ -37,10 +37,11 @@ log = logging.getLogger(__name__)
 MAX_UPLOAD = 16 << 40
 
 
-def image_row(name: str, manifest: Manifest, digest: bytes) -> Image:
-    """A new Image row describing ``manifest``."""
+def image_row(name: str, manifest: Manifest, digest: bytes, family: str = "") -> Image:
+    """A new Image row describing ``manifest``; ``family`` "": derived from the name."""
     return Image(
         name=name,
+        family=family or image_family(name),
         digest=digest.hex(),
         image_size=manifest.image_size,
         stored_bytes=manifest.stored_bytes,
@@ -86,8 +87,8 @@ def sync_store(db: DbSession, store: ImageStore) -> int:
     return added
 
 
-def register_existing(db: DbSession, store: ImageStore, name: str) -> Image:
-    """Add the store's image ``name`` to the database."""
+def register_existing(db: DbSession, store: ImageStore, name: str, family: str = "") -> Image:
+    """Add the store's image ``name`` to the database (of ``family``, "": from the name)."""
     if db.exec(select(Image).where(Image.name == name)).first() is not None:
         raise Conflict(f"image {name!r} is registered already")
     try:
@@ -97,7 +98,7 @@ def register_existing(db: DbSession, store: ImageStore, name: str) -> Image:
     except StoreError as exc:
         raise Invalid(str(exc)) from None
 
-    row = image_row(name, manifest, hashlib.sha256(data).digest())
+    row = image_row(name, manifest, hashlib.sha256(data).digest(), family)
     db.add(row)
     db.flush()
     return row
@@ -163,6 +164,7 @@ async def upload_image(
     *,
     level: int,
     actor: str,
+    family: str = "",
 ) -> Image:
     """Stream an upload to a temporary file, capture it, register it and log it.
 
@@ -187,7 +189,7 @@ async def upload_image(
 
     def register() -> Image:
         with db_session(engine) as db:
-            image = register_existing(db, store, name)
+            image = register_existing(db, store, name, family)
             record(db, bus, "image.added", actor=actor, message=f"image {name} (upload)")
             return image
 

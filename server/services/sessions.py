@@ -166,6 +166,7 @@ def create_session(
         rerun_of=rerun_of,
         after=req.after or settings.boot_after,
         disk_rule=req.disk_rule or settings.boot_disk,
+        delta=req.delta,
     )
     db.add(s)
     db.flush()
@@ -267,6 +268,7 @@ def rerun_failed(
         rate_bps=s.rate_bps,
         after=s.after,  # type: ignore[arg-type]  # validated when ``s`` was created
         disk_rule=s.disk_rule,
+        delta=s.delta,  # type: ignore[arg-type]  # validated when ``s`` was created
     )
     return create_session(db, bus, settings, req, actor, rerun_of=s.id)
 

@@ -50,7 +50,7 @@ def register_image(
             level=body.level or settings.compression_level,
             all_blocks=body.all_blocks,
         )
-    image = svc.register_existing(db, store, body.name)
+    image = svc.register_existing(db, store, body.name, body.family)
     record(db, bus, "image.added", actor=who.actor, message=f"image {body.name} ({body.mode})")
     return image
 
@@ -75,8 +75,10 @@ async def upload_image(
     store: StoreDep,
     settings: SettingsDep,
     bus: BusDep,
+    family: Annotated[str, Query(max_length=128)] = "",
 ) -> Image:
-    """Upload a raw disk image as the request body (streamed to disk, then captured)."""
+    """Upload a raw disk image as the request body (streamed to disk, then captured);
+    ``family``: its image family (default: the name up to its last "/")."""
     return await svc.upload_image(
         request.app.state.engine,
         store,
@@ -85,6 +87,7 @@ async def upload_image(
         request.stream(),
         level=settings.compression_level,
         actor=who.actor,
+        family=family,
     )
 
 
