@@ -6,11 +6,12 @@ filesystem uses are not read at all (``unused``), holes and all-zero blocks beco
 and handed to a small thread pool that hashes, compresses and stores it. A semaphore
 bounds the blocks in flight, so memory stays flat whatever the disk size. The reader also
 feeds the whole-image SHA-256 in order. The manifest is added last (docs/FORMAT.md §5).
+The walk itself (partition table, used-block maps, zero detection) is imaging/walk.py,
+shared with the client's network capture (client/capture.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -18,20 +19,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from protocol.codec import (
-    DEFAULT_LEVEL,
-    MAX_LEVEL,
-    MIN_LEVEL,
-    block_digest,
-    compress_block,
-    is_zero,
-)
-from protocol.manifest import DEFAULT_BLOCK_SIZE, BlockKind, Manifest, ManifestError, Partition
-from protocol.partitions import FS_PROBE_BYTES, detect_filesystem, parse_partition_table
+from imaging.usedmap import UsedRanges, partition_device
+from imaging.walk import BlockWalker, ShortRead, analyse, new_manifest
+from protocol.codec import DEFAULT_LEVEL, MAX_LEVEL, MIN_LEVEL, block_digest, compress_block
+from protocol.manifest import DEFAULT_BLOCK_SIZE, Manifest, ManifestError
 from server.images.progress import Progress
 from server.images.source import Source, SourceError, open_source
 from server.images.store import (
@@ -40,13 +34,6 @@ from server.images.store import (
     StoreError,
     check_name,
     is_disk_full,
-)
-from server.images.usedmap import (
-    UsedMapUnavailable,
-    UsedRanges,
-    partition_device,
-    partition_used,
-    with_edges,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +55,7 @@ class CaptureOptions:
     progress: bool | None = None  #: None: only when stderr is a terminal
     source_info: dict[str, Any] = field(default_factory=dict)  #: merged into manifest.source
     label: str = ""  #: what the progress bar calls the source (default: its file name)
+    created: str = ""  #: the manifest's ``created`` stamp ("" = now)
 
 
 @dataclass(frozen=True)
@@ -138,50 +126,13 @@ def _as_capture_error(exc: BaseException, store: ImageStore) -> BaseException:
 
 
 def _new_manifest(src: Source, opts: CaptureOptions) -> Manifest:
-    m = Manifest.empty(src.size, opts.block_size)
-    m.created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    m.source = {**src.describe(), **opts.source_info}
-    m.compression = {"algo": "zstd", "level": opts.level}
-    return m
+    return new_manifest(src, opts.level, opts.block_size, opts.source_info, opts.created)
 
 
 def _analyse(src: Source, manifest: Manifest, used_only: bool, warn: Warn) -> UsedRanges:
     """Fill in the partition table and filesystems; return the ranges worth keeping."""
-    table = parse_partition_table(src.read_at, src.size)
-    manifest.partition_table = table.kind
-    spans = [(p.number, p.start, p.size, p.type) for p in table.partitions]
-    if table.kind == "none":
-        spans = [(0, 0, src.size, "")]
-    used = UsedRanges.whole(src.size)
-    parts = []
-    for number, start, size, ptype in spans:
-        info = detect_filesystem(src.read_at(start, FS_PROBE_BYTES))
-        if table.kind == "none" and not info.fs:
-            break  # a disk with neither table nor filesystem: no partitions to list
-        method, used_bytes = "all", info.used_bytes
-        if used_only and info.fs:
-            try:
-                with partition_device(src.path, start, size) as dev:
-                    ranges, method = partition_used(info.fs, dev, start)
-                used.replace(start, start + size, with_edges(ranges, start, size))
-                used_bytes = sum(min(e, start + size) - s for s, e in ranges)
-            except UsedMapUnavailable as exc:
-                warn(f"partition {number} ({info.fs}): keeping every block: {exc}")
-        parts.append(
-            Partition(
-                number=number,
-                start=start,
-                size=size,
-                type=ptype,
-                fs=info.fs,
-                label=info.label,
-                uuid=info.uuid,
-                used_map=method,
-                used_bytes=used_bytes,
-            )
-        )
-    manifest.partitions = parts
-    return used
+    # partition_device is looked up here, at call time, so tests can replace it
+    return analyse(src, manifest, used_only, warn, partition_device)
 
 
 class _Pipeline:
@@ -205,14 +156,15 @@ class _Pipeline:
         self.new_bytes = 0
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
-        self._zeros = memoryview(bytes(manifest.block_size))
-        self._next_data = 0  # regular files: where the next non-hole data starts
 
     def run(self) -> bytes:
         """Process every block; return the whole-image SHA-256. Raises the first error."""
-        image_hash = hashlib.sha256()
+        walker = BlockWalker(self.src, self.manifest, self.used)
         try:
-            self._walk(image_hash)
+            self._walk(walker)
+        except ShortRead as exc:
+            self.progress.abort()
+            raise CaptureError(str(exc)) from None
         except BaseException:
             self.progress.abort()
             raise
@@ -220,60 +172,18 @@ class _Pipeline:
             self.progress.abort()
             raise self.errors[0]
         self.progress.finish()
-        return image_hash.digest()
+        return walker.image_sha256()
 
-    def _walk(self, image_hash: hashlib._Hash) -> None:
-        """Read every block in order, feed the image hash, hand data blocks to the pool."""
-        m = self.manifest
+    def _walk(self, walker: BlockWalker) -> None:
+        """Walk every block in order; hand data blocks to the pool."""
         with ThreadPoolExecutor(self.threads, thread_name_prefix="capture") as pool:
-            for i in range(m.block_count):
+            for i, buf in walker:
                 if self.errors:
                     break
-                offset, length = i * m.block_size, m.block_length(i)
-                buf = self._read(offset, length)
-                if buf is None:
-                    m.set_kind(i, BlockKind.UNUSED)
-                    image_hash.update(self._zeros[:length])
-                elif buf is self._zeros or is_zero(buf):
-                    m.set_kind(i, BlockKind.ZERO)
-                    image_hash.update(self._zeros[:length])
-                else:
-                    image_hash.update(buf)
+                if buf is not None:
                     self.slots.acquire()
                     pool.submit(self._store_block, i, buf)
-                self.progress.update(offset + length)
-
-    def _read(self, offset: int, length: int) -> bytearray | memoryview | None:
-        """The block with unused ranges zeroed; None if wholly unused; _zeros for a hole."""
-        ranges = self.used.within(offset, offset + length)
-        if not ranges:
-            return None
-        if not self.src.is_block and self._is_hole(offset, length):
-            return self._zeros
-        buf = bytearray(length)
-        got = os.preadv(self.src.fd, [buf], offset)
-        if got != length:
-            raise CaptureError(
-                f"{self.src.path}: short read at offset {offset} "
-                f"({got} of {length} bytes): did the source shrink?"
-            )
-        pos = 0
-        for s, e in [*ranges, (length, length)]:
-            if s > pos:
-                buf[pos:s] = self._zeros[: s - pos]
-            pos = e
-        return buf
-
-    def _is_hole(self, offset: int, length: int) -> bool:
-        if self._next_data >= offset + length:
-            return True
-        if self._next_data > offset:
-            return False
-        try:
-            self._next_data = os.lseek(self.src.fd, offset, os.SEEK_DATA)
-        except OSError:
-            self._next_data = self.src.size  # ENXIO: only holes from here on
-        return self._next_data >= offset + length
+                self.progress.update(walker.position)
 
     def _store_block(self, index: int, buf: bytearray | memoryview) -> None:
         try:
