@@ -285,6 +285,10 @@ class Agent:
         """Wait for an assignment, receive it, report; returns the server's verdict."""
         assert self.api is not None
         job = await asyncio.to_thread(self.wait_assignment)
+        if job.get("kind") == "capture":  # issue 10: read the disk and upload it instead
+            from client.capture import run_capture
+
+            return await asyncio.to_thread(run_capture, self, job)
         session_id = int(job["session_id"])
         expected = str(job.get("manifest_digest", ""))
         manifest_bytes = base64.b64decode(job.get("manifest", ""))

@@ -127,7 +127,9 @@ def partition_used(fs: str, device: Path, start: int) -> tuple[list[tuple[int, i
         raise UsedMapUnavailable(f"{tool} is not installed (Debian package partclone)")
     with tempfile.TemporaryDirectory(prefix="fleetcast-map-") as tmp:
         out = Path(tmp) / "domain.map"
-        cmd = [tool, "-D", "-q", "-s", str(device), "-o", str(out), f"--offset_domain={start}"]
+        log_file = Path(tmp) / "partclone.log"  # not /var/log: the boot image has none
+        cmd = [tool, "-D", "-q", "-s", str(device), "-o", str(out), "-L", str(log_file)]
+        cmd.append(f"--offset_domain={start}")
         try:
             proc = subprocess.run(
                 cmd,
@@ -163,6 +165,9 @@ def partition_device(source: Path, start: int, size: int) -> Iterator[Path]:
     device (root only), detached afterwards. Raises UsedMapUnavailable if neither works.
     """
     if stat.S_ISBLK(os.stat(source).st_mode):
+        if start == 0 and size == _device_size(source):
+            yield source  # a filesystem on the whole disk: no partition device needed
+            return
         part = _kernel_partition(source, start, size)
         if part is not None:
             yield part
@@ -194,6 +199,14 @@ def partition_device(source: Path, start: int, size: int) -> Iterator[Path]:
         yield loop
     finally:
         subprocess.run(["losetup", "-d", str(loop)], capture_output=True, timeout=60)
+
+
+def _device_size(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
 
 
 def _kernel_partition(disk: Path, start: int, size: int) -> Path | None:

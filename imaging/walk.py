@@ -136,6 +136,7 @@ class BlockWalker:
         self.src, self.manifest, self.used = src, manifest, used
         self.position = 0  #: bytes of the disk walked so far
         self.read_bytes = 0  #: bytes actually read from the disk (used blocks, not holes)
+        self.done_bytes = 0  #: bytes of the blocks walked so far that hold used bytes
         self._hash = hashlib.sha256()
         self._zeros = memoryview(bytes(manifest.block_size))
         self._next_data = 0  # regular files: where the next non-hole data starts
@@ -175,6 +176,7 @@ class BlockWalker:
         ranges = self.used.within(offset, offset + length)
         if not ranges:
             return None
+        self.done_bytes += length
         if not self.src.is_block and self._is_hole(offset, length):
             return self._zeros
         buf = bytearray(length)
