@@ -24,6 +24,7 @@ from server.api.routes import (
     agent,
     auth,
     boot,
+    captures,
     events,
     groups,
     images,
@@ -137,6 +138,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings or Settings()
     for router in (system, auth, images, machines, groups, sessions, agent, events, schedules):
         app.include_router(router.router)
+    app.include_router(captures.router)  # capture sessions, backups, restore (issue 10)
     app.include_router(schedules.wake_router)
     if app.state.settings.boot_enabled:  # public routes: only where machines network-boot
         app.include_router(boot.router)

@@ -373,7 +373,8 @@ class Session(SQLModel, table=True):
 
     __tablename__ = "deploy_session"
     id: int | None = Field(default=None, primary_key=True)
-    image_id: int = Field(foreign_key="image.id", index=True)
+    #: None for a capture session until its image is complete (schema 0005)
+    image_id: int | None = Field(default=None, foreign_key="image.id", index=True)
     image_name: str = Field(max_length=128)
     group_id: int | None = Field(default=None, foreign_key="machine_group.id")
     start_policy: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
@@ -402,6 +403,10 @@ class Session(SQLModel, table=True):
     #: when the multicast sender ended; later arrivals and evicted machines catch up over
     #: HTTP until the verdict (schema 0004)
     transfer_ended_at: datetime | None = None
+    #: "deploy" (multicast an image) or "capture" (one machine uploads its disk as image
+    #: ``target_image``; server/services/capture.py, models_capture.Capture) (schema 0005)
+    kind: str = Field(default="deploy", max_length=8)
+    target_image: str = Field(default="", max_length=128)
 
 
 class SessionMachine(SQLModel, table=True):
@@ -465,7 +470,7 @@ class SessionMachinePublic(SQLModel):
 
 class SessionPublic(SQLModel):
     id: int
-    image_id: int
+    image_id: int | None
     image_name: str
     group_id: int | None
     start_policy: dict[str, Any]
@@ -486,6 +491,8 @@ class SessionPublic(SQLModel):
     disk_rule: str = "auto"
     delta: str = "auto"
     transfer_ended_at: datetime | None = None
+    kind: str = "deploy"
+    target_image: str = ""
 
 
 class SessionDetail(SessionPublic):
@@ -497,14 +504,29 @@ class SessionDetail(SessionPublic):
 SCHEDULE_RUN_STATES = ("waking", "started", "missed", "failed")
 
 
+class Retention(SQLModel):
+    """How many backups of a machine a backup schedule keeps: the newest of each of the
+    last ``daily`` days, ``weekly`` ISO weeks and ``monthly`` months that have one (the
+    union; the newest backup is always kept). server/services/backups.py"""
+
+    daily: int = Field(default=7, ge=0, le=1000)
+    weekly: int = Field(default=4, ge=0, le=1000)
+    monthly: int = Field(default=6, ge=0, le=1000)
+
+
 class ScheduleBase(SQLModel):
     """A deployment to run at a date and time (``once``), by a cron expression (``cron``) or
     on weekdays at a time (``weekly``), in the IANA time zone ``timezone``."""
 
     name: str = Field(max_length=63)
-    image: str = Field(min_length=1, max_length=128)
+    #: the image to deploy ("" for a backup schedule)
+    image: str = Field(default="", max_length=128)
     group_id: DbId | None = None
     machine_ids: list[DbId] = Field(default_factory=list, max_length=10_000)
+    #: "deploy" the image, or "backup": capture each machine as ``<machine>/<date>`` and
+    #: prune its backups by ``retention`` (issue 10, server/services/backups.py)
+    action: Literal["deploy", "backup"] = "deploy"
+    retention: Retention = Field(default_factory=lambda: Retention())
     #: the sessions' start policy; the schedule sets its window end (not_after)
     start_policy: StartPolicy = Field(default_factory=StartPolicy)
     rate_bps: int | None = Field(default=None, ge=8192, le=100_000_000_000)
@@ -539,6 +561,8 @@ class Schedule(SQLModel, table=True):
     image: str = Field(max_length=128)
     group_id: int | None = Field(default=None, foreign_key="machine_group.id")
     machine_ids: list[int] = Field(default_factory=list, sa_column=json_column())
+    action: str = Field(default="deploy", max_length=8)  #: schema 0005
+    retention: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
     start_policy: dict[str, Any] = Field(default_factory=dict, sa_column=json_column())
     rate_bps: int | None = Field(default=None, sa_type=BigInteger)
     kind: str = Field(max_length=8)
@@ -647,6 +671,11 @@ class Assignment(SQLModel):
     #: hash the target disk first and skip the blocks it holds (services/catchup.py)
     delta: bool = False
     image_id: int = 0
+    #: "deploy" or "capture" (read disk_rule's disk, upload it as ``image``; issue 10) with
+    #: the store's block size and the zstd level to compress with
+    kind: str = "deploy"
+    block_size: int = 0
+    level: int = 0
 
 
 class ProgressSample(SQLModel):
@@ -664,7 +693,7 @@ class AgentProgress(SQLModel):
     receiver_id: int | None = Field(default=None, ge=0, le=0xFFFFFFFF)
     samples: list[ProgressSample] = Field(min_length=1, max_length=64)
     #: hashing | multicast | catchup | verifying ("": not said, an older agent)
-    phase: Literal["", "hashing", "multicast", "catchup", "verifying"] = ""
+    phase: Literal["", "hashing", "multicast", "catchup", "verifying", "reading", "uploading"] = ""
     #: data blocks/raw bytes already on the disk and verified (delta: not transferred)
     held_blocks: int = Field(default=0, ge=0, le=1 << 32)
     held_bytes: int = Field(default=0, ge=0, le=1 << 50)
@@ -712,3 +741,7 @@ class EventPublic(SQLModel):
     machine_id: int | None
     message: str
     data: dict[str, Any]
+
+
+# Capture sessions and backups (issue 10) keep their tables in their own module.
+from server import models_capture  # noqa: E402,F401

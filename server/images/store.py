@@ -7,6 +7,8 @@ Layout under the store's root (``Settings().image_root``)::
     tmp/                  temp files "<pid>-<random>.tmp" and capture markers "<pid>-<random>.run"
     readers/NAME.lock     per-image flock: readers (send, export) share it, delete takes it alone
     readers/NAME@<pid>-<random>.holder   who holds a reader lease (text), for delete's message
+    pins/KEY.pin          blocks an open network capture uploaded or was told are present
+                          (one hex digest a line): gc and delete keep them until unpinned
     lock                  flock: writers (capture/import) share it, delete/gc take it alone
 
 Every file is written to ``tmp/``, fsynced and renamed into place, and a manifest is added
@@ -17,6 +19,13 @@ a dead process (by the pid in their name) and the next writer or ``gc`` removes 
 ``read_block`` is a plain open/read: the sender calls it on its event loop thread. A
 reader that must not lose the image half way (``fleetcast send``, export) holds
 ``store.reading(name)``: delete then refuses, naming the holder.
+
+A network capture (server/services/capture.py) has no manifest until its last call, so its
+blocks would look unreferenced to ``gc``. Each such capture holds a *pin*: every block it
+uploads or is told the store has is appended to ``pins/KEY.pin`` (fsynced, under the shared
+lock, before the block is written), and ``gc``/``delete_image`` count pinned blocks as
+referenced. ``unpin(KEY)`` releases them when the capture ends; a pin outlives a crash of
+the server, so an interrupted capture resumes with its blocks intact.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_LENGTH = 128
 _NAME_RE = re.compile(r"[A-Za-z0-9._/-]+")
+_PIN_RE = re.compile(r"[A-Za-z0-9._-]{1,100}")
 #: How long a writer waits for a running delete/gc to finish before giving up.
 LOCK_WAIT_SECONDS = 60.0
 
@@ -132,6 +142,7 @@ class ImageStore:
         self.manifests_dir = self.root / "manifests"
         self.tmp_dir = self.root / "tmp"
         self.readers_dir = self.root / "readers"
+        self.pins_dir = self.root / "pins"
         self._dirty_dirs: set[Path] = set()
         self._dirty_lock = threading.Lock()
 
@@ -425,7 +436,7 @@ class ImageStore:
                     f"{exc}; no block is removed until that manifest is repaired or deleted"
                 ) from None
             refs |= m.unique_digests()
-        return refs
+        return refs | self.pinned()
 
     def _sweep(self, refs: set[bytes]) -> SweepResult:
         """Remove blocks not in ``refs``; the caller holds the exclusive lock."""
@@ -442,7 +453,106 @@ class ImageStore:
             temps = self._remove_dead_temps()[0]
         return SweepResult(blocks, nbytes, temps)
 
+    # -- pins: blocks of captures that have no manifest yet ------------------------------
+
+    def _pin_path(self, key: str) -> Path:
+        if not _PIN_RE.fullmatch(key):
+            raise StoreError(f"invalid pin name {key!r}: 1-100 letters, digits, '.', '_', '-'")
+        return self.pins_dir / f"{key}.pin"
+
+    def _append_pins(self, key: str, digests: list[bytes]) -> None:
+        """Append ``digests`` to pin ``key`` durably (the caller holds the shared lock)."""
+        if not digests:
+            return
+        self.pins_dir.mkdir(parents=True, exist_ok=True)
+        path = self._pin_path(key)
+        created = not path.exists()
+        with open(path, "a", encoding="ascii") as f:
+            f.write("".join(d.hex() + "\n" for d in digests))
+            f.flush()
+            os.fsync(f.fileno())
+        if created:
+            _fsync_dir(self.pins_dir)
+
+    def put_pinned_block(self, key: str, digest: bytes, payload: bytes) -> bool:
+        """``put_block`` for a capture without a manifest yet: the block is pinned under
+        ``key`` first, so no gc removes it until ``unpin(key)``. True if newly written.
+
+        Raises StoreBusy if a delete or gc holds the store longer than LOCK_WAIT_SECONDS.
+        """
+        with self._shared():
+            self._append_pins(key, [digest])
+            return self.put_block(digest, payload)
+
+    def pin_present(self, key: str, digests: list[bytes]) -> dict[bytes, int]:
+        """The stored size of each of ``digests`` the store has; those are pinned under
+        ``key`` (so they are still there when the capture's manifest comes)."""
+        with self._shared():
+            present: dict[bytes, int] = {}
+            for d in digests:
+                size = self.stored_size(d)
+                if size is not None:
+                    present[d] = size
+            self._append_pins(key, list(present))
+            return present
+
+    def unpin(self, key: str) -> bool:
+        """Release pin ``key`` (its blocks are gc's again unless an image uses them);
+        False if there was none."""
+        try:
+            self._pin_path(key).unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.pins_dir)
+        return True
+
+    def pins(self) -> list[str]:
+        """The keys of the pins held now."""
+        if not self.pins_dir.is_dir():
+            return []
+        return sorted(p.name[:-4] for p in self.pins_dir.glob("*.pin"))
+
+    def pinned(self, key: str | None = None) -> set[bytes]:
+        """Digests held by pin ``key`` (default: by every pin). A torn last line (a crash
+        while appending) is ignored: its block was not written yet."""
+        paths = [self._pin_path(key)] if key else [self.pins_dir / f"{k}.pin" for k in self.pins()]
+        out: set[bytes] = set()
+        for path in paths:
+            try:
+                text = path.read_text(encoding="ascii", errors="replace")
+            except FileNotFoundError:
+                continue
+            for line in text.split("\n"):
+                if len(line) == 64:
+                    with contextlib.suppress(ValueError):
+                        out.add(bytes.fromhex(line))
+        return out
+
     # -- locking ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[None]:
+        """The writers' shared lock, waiting at most LOCK_WAIT_SECONDS for a delete/gc."""
+        fd = self._open_lock()
+        try:
+            self._wait_shared(fd)
+            yield
+        finally:
+            os.close(fd)
+
+    def _wait_shared(self, fd: int) -> None:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreBusy(
+                        f"the image store {self.root} is locked by a delete "
+                        "or gc that did not finish; try again"
+                    ) from None
+                time.sleep(0.1)
 
     def _open_lock(self) -> int:
         for d in (self.root, self.blocks_dir, self.manifests_dir, self.tmp_dir):
@@ -475,18 +585,7 @@ class ImageStore:
         marker = self._tmp_name(".run")
         try:
             self._cleanup_dead(fd)
-            deadline = time.monotonic() + LOCK_WAIT_SECONDS
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise StoreBusy(
-                            f"the image store {self.root} is locked by a delete "
-                            "or gc that did not finish; try again"
-                        ) from None
-                    time.sleep(0.1)
+            self._wait_shared(fd)
             marker.touch()
             yield
         finally:

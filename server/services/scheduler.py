@@ -78,6 +78,12 @@ def _hhmm(text: str, what: str) -> tuple[int, int]:
 def check(s: ScheduleBase) -> None:
     """ScheduleError naming the first field of ``s`` that makes no sense."""
     zone(s.timezone)
+    if s.action == "deploy" and not s.image:
+        raise ScheduleError("a deploy schedule needs an image: name the image to deploy")
+    if s.action == "backup" and s.image:
+        raise ScheduleError(
+            "a backup schedule takes no image: each run captures its machines as <machine>/<date>"
+        )
     if s.start_policy.at is not None or s.start_policy.not_after is not None:
         raise ScheduleError(
             "a schedule's start_policy takes no 'at' or 'not_after': each run starts at its "

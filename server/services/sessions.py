@@ -39,6 +39,7 @@ from server.models import (
     StartPolicy,
     utcnow,
 )
+from server.services import delta
 from server.services.audit import record
 from server.services.errors import Conflict, Forbidden, Invalid, NotFound
 from server.services.images import image_by_name
@@ -252,6 +253,8 @@ def rerun_failed(
     succeed; Conflict while ``s`` is active, Invalid when every machine succeeded."""
     if s.state in SESSION_ACTIVE:
         raise Conflict(f"session {s.id} is still {s.state}: wait for it or cancel it first")
+    if s.kind == "capture":
+        raise Invalid(f"session {s.id} is a capture: start a new capture of the machine")
     failed = [r.machine_id for r in session_machines(db, s.id or 0) if r.state != "succeeded"]
     if not failed:
         raise Invalid(f"every machine of session {s.id} succeeded: nothing to re-run")
@@ -293,7 +296,10 @@ def finalize(
         if row.state not in MACHINE_ACTIVE:
             continue
         engine = engine_states.get(row.receiver_id or -1)
-        if engine is not None and engine[0] == "evicted":
+        if row.state == "catchup":
+            why = reason or delta.UNFINISHED_REASON
+            _set_machine_state(db, bus, row, "failed", why, "server")
+        elif engine is not None and engine[0] == "evicted":
             _set_machine_state(db, bus, row, "evicted", engine[1], "server")
         elif row.state == "pending" or (row.state == "assigned" and engine is None):
             _set_machine_state(db, bus, row, "no-show", "never joined the session", "server")
@@ -319,7 +325,9 @@ def fail_interrupted(db: DbSession, bus: EventBus | None, reason: str) -> list[i
     server process cannot continue a session; the operator re-runs it (POST .../rerun).
     """
     ended = []
-    for s in db.exec(select(Session).where(Session.state == "running")):
+    # a capture session keeps no state in memory: its agent resumes the upload (issue 10)
+    q = select(Session).where(Session.state == "running", Session.kind != "capture")
+    for s in db.exec(q):
         finalize(db, bus, s, {}, s.stats, reason)
         ended.append(s.id or 0)
     return ended
@@ -328,8 +336,18 @@ def fail_interrupted(db: DbSession, bus: EventBus | None, reason: str) -> list[i
 # -- agents -------------------------------------------------------------------------------
 
 
-def assignment(db: DbSession, store: ImageStore, machine_id: int) -> Assignment:
-    """The running session ``machine_id`` is a target of, or an empty Assignment."""
+def assignment(
+    db: DbSession,
+    store: ImageStore,
+    machine_id: int,
+    settings: Settings | None = None,
+    bus: EventBus | None = None,
+) -> Assignment:
+    """The running session ``machine_id`` is a target of, or an empty Assignment.
+
+    With catch-up on (``settings.catchup``), a machine that missed the transfer (no-show)
+    or was evicted gets its session with mode "catchup" (services/delta.py)."""
+    catchup_on = settings is None or settings.catchup
     row = db.exec(
         select(SessionMachine)
         .join(Session, col(Session.id) == SessionMachine.session_id)
@@ -337,15 +355,25 @@ def assignment(db: DbSession, store: ImageStore, machine_id: int) -> Assignment:
         .where(col(SessionMachine.state).in_(MACHINE_ACTIVE))
         .order_by(col(Session.id).desc())
     ).first()
+    if row is None and catchup_on:
+        row = delta.late_row(db, machine_id)
     if row is None:
         return Assignment()
     s = get_session(db, row.session_id)
+    if s.kind == "capture":  # issue 10: the machine uploads its disk instead
+        from server.services import capture
+
+        return capture.assignment(db, s, row, machine_id)
     try:
         manifest_bytes, manifest = store.load_manifest(s.image_name)
     except StoreError as exc:
         raise Conflict(f"session {s.id}: its image cannot be read: {exc}") from None
-    if row.state == "pending":
-        row.assigned_at = utcnow()
+    wants_delta = delta.wants_delta(db, s, row)
+    mode, why = delta.assignment_mode(s, row, catchup_on)
+    row.assigned_at = row.assigned_at or utcnow()
+    if why:
+        _set_machine_state(db, bus, row, "catchup", why, f"machine:{machine_id}")
+    elif row.state == "pending":
         _set_machine_state(db, None, row, "assigned", "", f"machine:{machine_id}")
     return Assignment(
         session_id=s.id,
@@ -359,6 +387,9 @@ def assignment(db: DbSession, store: ImageStore, machine_id: int) -> Assignment:
         retry_after=0.0,
         after=s.after,
         disk_rule=s.disk_rule,
+        mode=mode,
+        delta=wants_delta,
+        image_id=s.image_id,
     )
 
 
@@ -379,39 +410,46 @@ def progress(
     machine_id: int,
     report: AgentProgress,
     buffer: ProgressBuffer | None = None,
+    catchup: bool = True,
 ) -> AgentProgressReply:
     """Record the newest of an agent's batched samples; tells it to stop if it should.
 
-    The first report moves the machine to ``receiving`` at once; later ones go to
-    ``buffer`` (written once a second by its flush) when one is given.
+    The first report moves the machine to ``receiving`` (or ``catchup``, when its phase
+    says so: delta.progress_target) at once; later ones go to ``buffer`` (written once a
+    second by its flush) when one is given.
     """
     s, row = own_row(db, machine_id, report.session_id)
     if s.state != "running" or row.state not in MACHINE_ACTIVE:
         why = row.reason or s.reason or f"session {s.id} is {s.state}"
         return AgentProgressReply(cancel=True, reason=why)
-    last = report.samples[-1]
-    pending = Pending(report.receiver_id, last, utcnow())
-    if row.state == "receiving" and buffer is not None:
+    pending = progress_pending(report)
+    target = delta.progress_target(row.state, report.phase, catchup)
+    if row.state == target and buffer is not None:
         buffer.put(row.session_id, machine_id, pending)
     else:
         apply_progress(row, pending)
-        if row.state != "receiving":
+        if row.state != target:
             row.started_at = row.started_at or pending.at
-            _set_machine_state(db, bus, row, "receiving", "", f"machine:{machine_id}")
+            why = delta.EVICTED_REASON if target == "catchup" else ""
+            _set_machine_state(db, bus, row, target, why, f"machine:{machine_id}")
         else:
             db.add(row)
     if bus is not None:
-        bus.publish(
-            "machine.progress",
-            session_id=s.id,
-            machine_id=machine_id,
-            bytes_done=last.bytes_done,
-            bytes_total=last.bytes_total,
-            rate_bps=last.rate_bps,
-            loss=last.loss,
-            naks=last.naks,
-        )
+        fields = delta.progress_fields(report)
+        bus.publish("machine.progress", session_id=s.id, machine_id=machine_id, **fields)
     return AgentProgressReply()
+
+
+def progress_pending(report: AgentProgress) -> Pending:
+    """The Pending sample of a report: its newest sample, phase and held counters."""
+    return Pending(
+        report.receiver_id,
+        report.samples[-1],
+        utcnow(),
+        report.phase,
+        report.held_blocks,
+        report.held_bytes,
+    )
 
 
 def result(
@@ -420,10 +458,17 @@ def result(
     machine_id: int,
     res: AgentResult,
     buffer: ProgressBuffer | None = None,
+    store: ImageStore | None = None,
+    catchup: bool = True,
 ) -> str:
-    """Record an agent's verdict; returns the machine's new state. Conflict if it ended."""
+    """Record an agent's verdict; returns the machine's new state. Conflict if it ended
+    (an evicted machine's catch-up result still counts while the session runs)."""
     s, row = own_row(db, machine_id, res.session_id)
-    if row.state in MACHINE_ENDED:
+    if s.kind == "capture":  # issue 10: services/capture.py settles a capture
+        from server.services import capture
+
+        return capture.result(db, bus, store, s, row, res)
+    if row.state in MACHINE_ENDED and not delta.late_result_ok(s, row, res, catchup):
         raise Conflict(f"machine {machine_id} ended in session {s.id} already ({row.state})")
     pending = buffer.take(res.session_id, machine_id) if buffer is not None else None
     if pending is not None:
@@ -431,11 +476,9 @@ def result(
     image = db.get(Image, s.image_id)
     state, reason = _RESULT_STATE[res.result], res.reason
     if state == "succeeded" and image is not None:
-        if res.manifest_digest and res.manifest_digest != image.digest:
-            state, reason = "failed", "the agent verified a different manifest than the session's"
-        elif res.bytes_done != image.data_bytes:
-            state = "failed"
-            reason = f"the agent verified {res.bytes_done} of {image.data_bytes} data bytes"
+        problem = delta.verified_problem(res, image)
+        state, reason = ("failed", problem) if problem else (state, reason)
+    delta.apply_result(row, res)
     row.started_at = row.started_at or row.assigned_at or utcnow()
     if state == "succeeded":
         row.bytes_done = res.bytes_done
@@ -443,7 +486,9 @@ def result(
         seconds = (utcnow() - _aware(row.started_at)).total_seconds()
         row.rate_bps = res.bytes_done * 8 / seconds if seconds > 0 else 0.0  # the average
     actor = f"machine:{machine_id}"
-    _set_machine_state(db, bus, row, state, reason, actor, stats=res.stats)
+    _set_machine_state(db, bus, row, state, reason, actor, stats=res.stats, via=res.via)
+    if state == "succeeded" and row.held_bytes and image is not None:
+        record(db, bus, "machine.spared", actor=actor, **delta.spared_event(row, image))
     m = db.get(Machine, machine_id)
     if m is not None:
         m.last_seen_at = utcnow()

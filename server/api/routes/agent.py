@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, status
+from fastapi import APIRouter, Depends, Header, Request, Response, status
+from fastapi import Path as PathParam
+from fastapi.responses import JSONResponse
 from sqlmodel import select
 
 from server.api.deps import (
@@ -13,6 +15,7 @@ from server.api.deps import (
     BearerDep,
     BusDep,
     DbDep,
+    Id,
     MachineDep,
     MetricsDep,
     SettingsDep,
@@ -27,14 +30,15 @@ from server.models import (
     AgentResult,
     ApiToken,
     Assignment,
-    utcnow,
 )
 from server.security import MACHINE_PREFIX, new_token, same_secret, token_hash
 from server.services import sessions as svc
 from server.services.agentcache import AgentCache
+from server.services.blocks import BlockReader, RangeNotSatisfiable, reader_for
+from server.services.delta import progress_fields, progress_target
 from server.services.errors import Forbidden, Unauthorized
 from server.services.machines import enroll
-from server.services.progress import Pending, ProgressBuffer
+from server.services.progress import ProgressBuffer
 from server.services.users import resolve_token
 
 router = APIRouter(prefix="/api/agent", tags=["agent"], responses=ERRORS)
@@ -70,9 +74,11 @@ def register(
 
 
 @router.get("/assignment", response_model=Assignment)
-def get_assignment(who: MachineDep, db: DbDep, store: StoreDep) -> Assignment:
+def get_assignment(
+    who: MachineDep, db: DbDep, store: StoreDep, settings: SettingsDep, bus: BusDep
+) -> Assignment:
     """The session this machine is to receive now (empty ``session_id``: poll again)."""
-    return svc.assignment(db, store, who.machine_id or 0)
+    return svc.assignment(db, store, who.machine_id or 0, settings, bus)
 
 
 def _resolve_machine(request: Request, token: str) -> int:
@@ -111,24 +117,18 @@ async def post_progress(
     metrics.agent_reports.labels("progress").inc()
     cache: AgentCache = request.app.state.agent_cache
     row = cache.row(body.session_id, machine_id)
-    if row is None or row.machine_state != "receiving":
+    catchup_on = request.app.state.settings.catchup
+    if row is None or row.machine_state != progress_target(
+        row.machine_state, body.phase, catchup_on
+    ):
         return await asyncio.to_thread(_progress_slow, request, machine_id, body)
     if row.session_state != "running":
         why = row.reason or f"session {body.session_id} is {row.session_state}"
         return AgentProgressReply(cancel=True, reason=why)
-    last = body.samples[-1]
     buffer: ProgressBuffer = request.app.state.progress
-    buffer.put(body.session_id, machine_id, Pending(body.receiver_id, last, utcnow()))
-    bus.publish(
-        "machine.progress",
-        session_id=body.session_id,
-        machine_id=machine_id,
-        bytes_done=last.bytes_done,
-        bytes_total=last.bytes_total,
-        rate_bps=last.rate_bps,
-        loss=last.loss,
-        naks=last.naks,
-    )
+    buffer.put(body.session_id, machine_id, svc.progress_pending(body))
+    fields = progress_fields(body)
+    bus.publish("machine.progress", session_id=body.session_id, machine_id=machine_id, **fields)
     return AgentProgressReply()
 
 
@@ -136,7 +136,9 @@ def _progress_slow(request: Request, machine_id: int, body: AgentProgress) -> Ag
     """The progress route through the database; fills the AgentCache for the next report."""
     state = request.app.state
     with db_session(state.engine) as db:
-        reply = svc.progress(db, state.bus, machine_id, body, state.progress)
+        reply = svc.progress(
+            db, state.bus, machine_id, body, state.progress, catchup=state.settings.catchup
+        )
         s, row = svc.own_row(db, machine_id, body.session_id)
         cache: AgentCache = state.agent_cache
         cache.remember_row(s.id or 0, machine_id, s.state, row.state, row.reason or s.reason)
@@ -154,4 +156,48 @@ def post_result(
 ) -> dict[str, str]:
     """The agent's verdict for its session."""
     metrics.agent_reports.labels("result").inc()
-    return {"state": svc.result(db, bus, who.machine_id or 0, body, request.app.state.progress)}
+    state = request.app.state
+    mid, on = who.machine_id or 0, state.settings.catchup
+    return {"state": svc.result(db, bus, mid, body, state.progress, store=state.store, catchup=on)}
+
+
+# -- catch-up: one stored block over HTTP (issue 9, server/services/blocks.py) ----------------
+
+
+@router.get(
+    "/sessions/{session_id}/blocks/{index}",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "the stored block"},
+        206: {"description": "the asked byte range of it"},
+        416: {"description": "a Range outside the block"},
+    },
+)
+async def get_block(
+    request: Request,
+    session_id: Id,
+    index: Annotated[int, PathParam(ge=0, le=1 << 32)],
+    machine_id: Annotated[int, Depends(cached_machine)],
+    range_header: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
+) -> Response:
+    """Block ``index`` of the session's image as stored (zstd frame, or raw iff its length is
+    the block's), ``X-Fleetcast-Digest`` = hex SHA-256 of its raw content; ``Range``: 206.
+    For a target machine of the session (its credential); ZERO/UNUSED blocks are 404."""
+    state = request.app.state
+    if not state.settings.catchup:
+        raise Forbidden("catch-up is off on this server (FLEETCAST_CATCHUP=false)")
+    reader = reader_for(state)
+    image = reader.granted(session_id, machine_id)
+    if image is None:
+        image = await asyncio.to_thread(_grant_blocks, request, reader, session_id, machine_id)
+    try:
+        block = await asyncio.to_thread(reader.read, image, index, range_header)
+    except RangeNotSatisfiable as exc:
+        headers = {"Content-Range": f"bytes */{exc.size}"}
+        return JSONResponse({"detail": str(exc)}, status_code=416, headers=headers)
+    return Response(block.data, status_code=206 if block.partial else 200, headers=block.headers())
+
+
+def _grant_blocks(request: Request, reader: BlockReader, session_id: int, machine_id: int) -> str:
+    with db_session(request.app.state.engine) as db:
+        return reader.grant(db, session_id, machine_id)

@@ -67,7 +67,8 @@ def start_session(
         return svc.detail(db, s)
     svc.mark_running(db, bus, s, who.actor)
     db.commit()
-    manager.launch(session_id)
+    if s.kind != "capture":  # a capture has no sender: its agent uploads (issue 10)
+        manager.launch(session_id)
     return svc.detail(db, s)
 
 

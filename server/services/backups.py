@@ -1,0 +1,204 @@
+"""Backups: a machine's captures made by backup schedules, their retention, and restore.
+
+Retention is grandfather-father-son over a machine's backup images: keep the newest backup
+of each of the last ``daily`` days, ``weekly`` ISO weeks and ``monthly`` months that have
+one (days counted in the schedule's time zone), and always the newest backup; every other
+backup image of that machine is deleted through the store, whose sweep frees only blocks
+no kept image (and no open capture) uses. ``keep`` is the pure rule; ``prune`` applies it.
+
+Restore is a deployment of one image to one machine, started at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from sqlmodel import Session as DbSession
+from sqlmodel import col, select
+
+from server.config import Settings
+from server.events import EventBus
+from server.images.store import ImageStore
+from server.models import Image, Retention, Schedule, Session, SessionCreate, StartPolicy
+from server.models_capture import BackupPublic, Capture, RestoreRequest
+from server.services import sessions as svc
+from server.services.audit import record
+from server.services.errors import Conflict, ServiceError
+from server.services.images import delete_image, get_image
+from server.services.machines import get_machine
+
+log = logging.getLogger(__name__)
+
+
+# -- the rule -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dated:
+    """One backup: an id and when it was taken (UTC)."""
+
+    id: int
+    at: datetime
+
+
+def keep(backups: list[Dated], retention: Retention, tz: ZoneInfo | None = None) -> set[int]:
+    """The ids of ``backups`` that ``retention`` keeps (see the module doc)."""
+    tz = tz or ZoneInfo("UTC")
+    newest_first = sorted(backups, key=lambda b: (_aware(b.at), b.id), reverse=True)
+    kept: set[int] = {newest_first[0].id} if newest_first else set()
+    periods = (
+        (retention.daily, lambda d: d.isoformat()),
+        (retention.weekly, lambda d: "{}-W{:02d}".format(*d.isocalendar()[:2])),
+        (retention.monthly, lambda d: f"{d.year}-{d.month:02d}"),
+    )
+    for count, period in periods:
+        seen: set[str] = set()
+        for b in newest_first:
+            if len(seen) >= count:
+                break
+            key = period(_aware(b.at).astimezone(tz).date())
+            if key not in seen:
+                seen.add(key)
+                kept.add(b.id)
+    return kept
+
+
+def _aware(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
+
+
+# -- applying it --------------------------------------------------------------------------
+
+
+def machine_backups(db: DbSession, machine_id: int, *, backups_only: bool = False) -> list[Image]:
+    """The images captured from ``machine_id`` (by backups only, if asked), newest first."""
+    q = (
+        select(Image, Capture)
+        .join(Capture, col(Capture.image_id) == Image.id)
+        .where(Capture.machine_id == machine_id)
+    )
+    if backups_only:
+        q = q.where(Capture.backup)
+    rows = db.exec(q.order_by(col(Image.created_at).desc(), col(Image.id).desc()))
+    return [image for image, _ in rows if not image.source.get("deleted")]
+
+
+def backups_public(db: DbSession, machine_id: int) -> list[BackupPublic]:
+    """The images captured from ``machine_id``, newest first, with what each uploaded."""
+    get_machine(db, machine_id)
+    out = []
+    for image in machine_backups(db, machine_id):
+        cap = db.exec(select(Capture).where(Capture.image_id == image.id)).first()
+        assert cap is not None
+        out.append(
+            BackupPublic(
+                image_id=image.id or 0,
+                name=image.name,
+                created_at=image.created_at,
+                data_bytes=image.data_bytes,
+                stored_bytes=image.stored_bytes,
+                session_id=cap.session_id,
+                backup=cap.backup,
+                uploaded_bytes=cap.uploaded_bytes,
+                reused_bytes=cap.reused_bytes,
+            )
+        )
+    return out
+
+
+def prune(
+    db: DbSession,
+    bus: EventBus | None,
+    store: ImageStore,
+    machine_id: int,
+    retention: Retention,
+    tz: ZoneInfo | None = None,
+) -> list[str]:
+    """Delete the backups of ``machine_id`` that ``retention`` does not keep; returns their
+    names. One that cannot be deleted now (a session uses it, the store is busy) is logged
+    and left for the next prune."""
+    images = machine_backups(db, machine_id, backups_only=True)
+    kept = keep([Dated(i.id or 0, i.created_at) for i in images], retention, tz)
+    deleted = []
+    for image in images:
+        if image.id in kept:
+            continue
+        name = image.name
+        try:
+            delete_image(db, store, image)
+        except ServiceError as exc:
+            log.warning("machine %s: backup %s kept for now: %s", machine_id, name, exc)
+            continue
+        deleted.append(name)
+        record(
+            db,
+            bus,
+            "image.deleted",
+            actor="retention",
+            machine_id=machine_id,
+            message=f"backup {name} of machine {machine_id} pruned by retention",
+        )
+    return deleted
+
+
+def after_capture(
+    db: DbSession, bus: EventBus | None, store: ImageStore, session_id: int
+) -> list[str]:
+    """Once a backup capture succeeded: prune its machine's backups by its schedule's
+    retention (default retention if the schedule is gone). Returns the pruned names."""
+    cap = db.get(Capture, session_id)
+    if cap is None or not cap.backup or cap.image_id is None:
+        return []
+    schedule = db.get(Schedule, cap.schedule_id) if cap.schedule_id is not None else None
+    retention = Retention.model_validate(schedule.retention if schedule else {})
+    tz = _zone(schedule.timezone if schedule else "UTC")
+    return prune(db, bus, store, cap.machine_id, retention, tz)
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (KeyError, ValueError):
+        return ZoneInfo("UTC")
+
+
+# -- restore ------------------------------------------------------------------------------
+
+
+def restore(
+    db: DbSession,
+    bus: EventBus | None,
+    settings: Settings,
+    machine_id: int,
+    req: RestoreRequest,
+    actor: str,
+) -> Session:
+    """A running deploy session of image ``req.image_id`` to machine ``machine_id`` alone
+    (the caller launches its sender). Raises NotFound, Conflict (machine busy, image
+    deleted)."""
+    get_machine(db, machine_id)
+    image = get_image(db, req.image_id)
+    if image.source.get("deleted"):
+        raise Conflict(f"image {image.name!r} was deleted; pick another backup")
+    create = SessionCreate(
+        image=image.name,
+        machine_ids=[machine_id],
+        start_policy=StartPolicy(start="now", min_receivers=1),
+        after=req.after,
+        disk_rule=req.disk_rule,
+    )
+    s = svc.create_session(db, bus, settings, create, actor)
+    svc.mark_running(db, bus, s, actor)
+    record(
+        db,
+        bus,
+        "machine.restore",
+        actor=actor,
+        session_id=s.id,
+        machine_id=machine_id,
+        message=f"restore of machine {machine_id} from image {image.name} (session {s.id})",
+    )
+    return s
