@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     progress_interval: float = Field(default=1.0, ge=0.2, le=60.0)
     #: After a sender ends, wait this long for the agents' final results.
     result_grace: float = Field(default=15.0, ge=0.0, le=600.0)
+    #: Catch-up (issue 9, docs/SERVER.md): a machine evicted from the multicast transfer,
+    #: or one that boots after it, fetches the blocks over HTTP and the verdict waits for it.
+    catchup: bool = True
+    #: A catching-up machine without progress for this long (seconds) fails.
+    catchup_timeout: float = Field(default=900.0, ge=1.0, le=86_400.0)
     #: Queue length of each live event stream subscriber (slow ones lose the oldest).
     event_queue_size: int = Field(default=256, ge=8, le=100_000)
     #: Apply pending schema migrations when the server starts.

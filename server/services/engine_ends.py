@@ -32,6 +32,7 @@ from sqlmodel import select
 from server.db import db_session
 from server.events import EventBus
 from server.models import MACHINE_ACTIVE, SessionMachine
+from server.services.delta import EVICTED_REASON
 from server.services.progress import ProgressBuffer
 from server.services.progress import apply as apply_progress
 from server.services.sessions import _set_machine_state
@@ -53,9 +54,14 @@ class EngineEnd:
 
 
 def record_end(
-    db: DbSession, bus: EventBus | None, end: EngineEnd, buffer: ProgressBuffer | None = None
+    db: DbSession,
+    bus: EventBus | None,
+    end: EngineEnd,
+    buffer: ProgressBuffer | None = None,
+    catchup: bool = False,
 ) -> bool:
-    """Record ``end`` on the machine whose agent claimed its receiver id.
+    """Record ``end`` on the machine whose agent claimed its receiver id; with ``catchup``
+    an eviction moves the machine to ``catchup`` (its agent fetches the rest over HTTP).
 
     Returns True when it is settled (recorded now, or the machine had ended already), False
     when no machine has claimed the receiver id yet (try again later).
@@ -78,7 +84,7 @@ def record_end(
             ).first()
     if row is None:
         return False
-    if row.state not in MACHINE_ACTIVE:
+    if row.state not in MACHINE_ACTIVE or row.state == "catchup":
         return True
     if buffer is not None:
         pending = buffer.take(row.session_id, row.machine_id)
@@ -87,6 +93,8 @@ def record_end(
     row.receiver_id = end.receiver_id
     state = ENGINE_ENDS[end.state]
     reason = end.reason or f"the sender {state} this receiver"
+    if state == "evicted" and catchup:  # issue 9: services/delta.py
+        state, reason = "catchup", f"{reason}; {EVICTED_REASON}"
     _set_machine_state(db, bus, row, state, reason, "server", receiver_id=f"{end.receiver_id:08x}")
     log.info(
         "session %d: machine %d %s by the engine: %s", row.session_id, row.machine_id, state, reason
@@ -98,9 +106,14 @@ class EngineEnds:
     """Per server: the ends the engines reported, written to the database off the loop."""
 
     def __init__(
-        self, engine: Engine, bus: EventBus | None, buffer: ProgressBuffer | None = None
+        self,
+        engine: Engine,
+        bus: EventBus | None,
+        buffer: ProgressBuffer | None = None,
+        catchup: bool = False,
     ) -> None:
         self.engine, self.bus, self.buffer = engine, bus, buffer
+        self.catchup = catchup  #: evicted machines catch up over HTTP (issue 9)
         #: session id -> ends no machine has claimed yet
         self.unclaimed: dict[int, list[EngineEnd]] = {}
         self._writes: dict[int, set[asyncio.Task[None]]] = {}
@@ -141,7 +154,9 @@ class EngineEnds:
     async def _write(self, ends: list[EngineEnd]) -> None:
         def work() -> list[EngineEnd]:
             with db_session(self.engine) as db:
-                return [e for e in ends if not record_end(db, self.bus, e, self.buffer)]
+                return [
+                    e for e in ends if not record_end(db, self.bus, e, self.buffer, self.catchup)
+                ]
 
         try:
             left = await asyncio.to_thread(work)

@@ -26,6 +26,11 @@ class Pending:
     receiver_id: int | None
     sample: ProgressSample
     at: datetime
+    #: issue 9: what the agent does (hashing | multicast | catchup | verifying; "": an
+    #: older agent, which leaves the row's as it is) and what its disk already held
+    phase: str = ""
+    held_blocks: int = 0
+    held_bytes: int = 0
 
 
 def apply(row: SessionMachine, pending: Pending) -> None:
@@ -37,6 +42,9 @@ def apply(row: SessionMachine, pending: Pending) -> None:
     row.blocks_done, row.blocks_total = s.blocks_done, s.blocks_total
     row.rate_bps, row.loss, row.naks = s.rate_bps, s.loss, s.naks
     row.updated_at = pending.at
+    if pending.phase:
+        row.phase = pending.phase
+        row.held_blocks, row.held_bytes = pending.held_blocks, pending.held_bytes
 
 
 class ProgressBuffer:

@@ -26,9 +26,10 @@ from server.db import db_session
 from server.events import EventBus
 from server.images.store import ImageStore, StoreError
 from server.metrics import Metrics
-from server.models import MACHINE_ACTIVE, Session, StartPolicy
+from server.models import Session, StartPolicy, utcnow
 from server.multicast.run import SendOptions, SendReport, SessionRunner
 from server.multicast.sender import SenderSocketError
+from server.services import catchup
 from server.services import sessions as svc
 from server.services.engine_ends import EngineEnds
 from server.services.policy import NotStarted, StartNow, WaitState, evaluate
@@ -60,7 +61,7 @@ class SessionManager:
         self.engine, self.store, self.settings = engine, store, settings
         self.progress = progress
         #: the engine's evictions and failures, recorded as they happen (engine_ends.py)
-        self.ends = EngineEnds(engine, bus, progress)
+        self.ends = EngineEnds(engine, bus, progress, catchup=settings.catchup)
         self.bus, self.metrics = bus, metrics
         self.loop: asyncio.AbstractEventLoop | None = None
         self.tasks: dict[int, asyncio.Task[None]] = {}
@@ -273,13 +274,17 @@ class SessionManager:
         self.metrics.add_sender(id(runner), _engine_stats(runner))
 
     async def _await_results(self, session_id: int) -> None:
-        """Give the agents ``result_grace`` seconds to report their verdicts."""
+        """Give the agents ``result_grace`` seconds to report their verdicts, and machines
+        catching up over HTTP as long as they make progress (services/catchup.py)."""
+        await self._db(catchup.transfer_ended, self.bus, session_id)
         deadline = time.monotonic() + self.settings.result_grace
-        while time.monotonic() < deadline:
-            pending = await self._db(_active_machines, session_id)
-            if pending == 0:
+        timeout = self.settings.catchup_timeout
+        while True:
+            w = await self._db(catchup.waiting, self.bus, session_id, timeout, utcnow())
+            in_grace = time.monotonic() < deadline
+            if w.catchup == 0 and (w.multicast == 0 or not in_grace):
                 return
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25 if in_grace else 1.0)
 
     def _finalize(self, db: Any, session_id: int, report: SendReport | None, reason: str) -> None:
         if self.progress is not None:
@@ -325,10 +330,6 @@ def _release(runner: SessionRunner) -> None:
 
 class _NotRunnable(Exception):
     """The session cannot be sent (its state, or the server's configuration)."""
-
-
-def _active_machines(db: Any, session_id: int) -> int:
-    return sum(1 for r in svc.session_machines(db, session_id) if r.state in MACHINE_ACTIVE)
 
 
 def _receiving_rates(db: Any, session_id: int) -> list[float | None]:
