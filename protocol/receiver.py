@@ -473,6 +473,9 @@ class ReceiverSession:
         self._set_state(ReceiverState.RECEIVING)
         self._join = None
         self._objs.start(a)
+        for start, end in RangeSet.from_values(self._declared):
+            # a STATUS sent before the manifest arrives must not undo the JOIN's have list
+            self._objs.needed.discard(start, end)
         self._data_total = a.data_blocks
         self._meter = Meter(hdr.seq, now)
         self._next_status = now + self._jitter(self._config.status_interval)
