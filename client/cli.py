@@ -93,6 +93,18 @@ def receive_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stats-json", metavar="FILE", help="write the receiver's counters to FILE at the end"
     )
+    parser.add_argument(
+        "--delta",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="hash the target first and receive only the blocks it lacks (resume, re-image); "
+        "needs --manifest; auto (default): when the target already holds data",
+    )
+    parser.add_argument(
+        "--manifest",
+        metavar="FILE",
+        help="the image's manifest (the server's images/manifests/NAME.json), for --delta",
+    )
     return parser
 
 

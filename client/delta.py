@@ -22,12 +22,13 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from protocol.manifest import HASH_SIZE, BlockKind, Manifest
+from protocol.manifest import HASH_SIZE, BlockKind, Manifest, ManifestError
 
 #: Read size per thread (4 blocks of 1 MiB); 4 threads x 4 MiB read a 3 GiB file at the
 #: speed of dd (bench/delta.py scan).
@@ -53,6 +54,7 @@ class DiskHolding:
 
     manifest: Manifest
     held: bytearray
+    digest: bytes = b""  #: the manifest's digest: the holding is only valid for that image
     data_blocks: int = 0  #: DATA blocks held
     data_bytes: int = 0  #: raw bytes of the DATA blocks held
     zero_blocks: int = 0  #: ZERO blocks already zero
@@ -62,7 +64,7 @@ class DiskHolding:
     @classmethod
     def nothing(cls, manifest: Manifest) -> DiskHolding:
         """A blank holding: every block is to be transferred or zeroed."""
-        return cls(manifest, bytearray(manifest.block_count))
+        return cls(manifest, bytearray(manifest.block_count), manifest.digest())
 
     def have_data(self) -> list[int]:
         """The DATA blocks held, ascending: what to declare to the sender."""
@@ -85,6 +87,15 @@ class DiskHolding:
             if kinds[i] == _ZERO and self.held[i]:
                 kinds[i] = BlockKind.UNUSED
         return dataclasses.replace(self.manifest, kinds=kinds)
+
+    def mismatch(self, manifest_bytes: bytes) -> str:
+        """Why a session announcing ``manifest_bytes`` cannot use this holding, or ""."""
+        if hashlib.sha256(manifest_bytes).digest() == self.digest:
+            return ""
+        return (
+            "the session's image is not the one the target was checked against (its manifest "
+            "digest differs); run again without delta, or with the session's manifest"
+        )
 
     def summary(self) -> dict[str, float | int]:
         """Counters for the receiver's stats and the agent's reports."""
@@ -259,3 +270,66 @@ def _fadvise(fd: int, offset: int, length: int, advice: int | None) -> None:
         return
     with contextlib.suppress(OSError):  # a hint only
         os.posix_fadvise(fd, offset, length, advice)
+
+
+# -- the receive command's use ----------------------------------------------------------------
+
+DELTA_MODES = ("auto", "always", "never")
+
+
+def load_manifest_file(path: str | os.PathLike[str]) -> Manifest:
+    """The manifest in ``path`` (canonical JSON); raises ScanError saying what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            return Manifest.from_bytes(f.read())
+    except OSError as exc:
+        raise ScanError(f"cannot read manifest file {path}: {exc.strerror}") from None
+    except ManifestError as exc:
+        raise ScanError(f"{path} is not a fleetcast manifest: {exc}") from None
+
+
+def wants_scan(target: str | os.PathLike[str], mode: str) -> bool:
+    """Whether delta ``mode`` means hashing ``target``: "auto" scans a target holding data."""
+    if mode not in DELTA_MODES:
+        raise ValueError(f"delta mode {mode!r} is not one of {', '.join(DELTA_MODES)}")
+    if mode != "auto":
+        return mode == "always"
+    try:
+        st = os.stat(target)
+    except OSError:
+        return False  # nothing there yet: nothing to spare
+    return stat.S_ISBLK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_blocks > 0)
+
+
+def receive_holding(
+    target: str,
+    manifest_file: str | None,
+    mode: str,
+    *,
+    say: Callable[[str], None] = lambda line: None,
+) -> DiskHolding | None:
+    """``fleetcast receive --delta MODE --manifest FILE``: the target's holding, or None.
+
+    The manifest must be known before joining (the JOIN carries the held blocks), so delta
+    needs the image's manifest file; "auto" without one, or with a blank target, is a full
+    receive. Raises ScanError for "always" without a manifest, or an unreadable file.
+    """
+    if mode == "never" or (manifest_file is None and mode == "auto"):
+        return None
+    if manifest_file is None:
+        raise ScanError(
+            "--delta always needs the image's manifest (--manifest FILE, e.g. "
+            "$FLEETCAST_DATA/images/manifests/NAME.json on the server)"
+        )
+    manifest = load_manifest_file(manifest_file)
+    if not wants_scan(target, mode):
+        return None
+    holding = scan_disk(target, manifest)
+    s = holding.summary()
+    say(
+        f"target {target} holds {holding.data_blocks} of {manifest.count(BlockKind.DATA)} "
+        f"data blocks ({holding.data_bytes / (1 << 20):.1f} MiB) and "
+        f"{holding.zero_blocks} zero blocks; hashed {holding.scanned_bytes / (1 << 20):.0f} "
+        f"MiB in {holding.seconds:.1f} s ({s['scan_mb_s']} MB/s)"
+    )
+    return holding

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from client.delta import DiskHolding, ScanError, receive_holding
 from client.disk import DiskError, Target, TargetError
 from client.pipeline import BlockPipeline
 from client.progress import ProgressBar
@@ -94,8 +95,10 @@ class Receiver:
         assume_blank: bool = False,
         config: EngineConfig | None = None,
         progress: ProgressBar | None = None,
+        holding: DiskHolding | None = None,
     ) -> None:
         self.key = key
+        self.holding = holding  #: delta/resume: blocks verified on the target before joining
         self.group, self.port, self.iface = group, port, iface
         self.target_path = target
         self.assume_blank = assume_blank
@@ -121,6 +124,8 @@ class Receiver:
             key=self.key, config=self.config, now=loop.time(), rng=random.Random()
         )
         self.session = session
+        if holding := self.holding:  # the JOIN tells the sender what it need not send
+            session.declare_have(holding.have_data(), loop.time())
         self._transport = SessionTransport(
             session,
             sock,
@@ -182,6 +187,8 @@ class Receiver:
         if self.pipeline is not None:
             out["blocks_written"] = self.pipeline.blocks_written
             out["blocks_refused"] = self.pipeline.blocks_refused
+        if self.holding is not None:
+            out.update(self.holding.summary())
         out["verified_blocks"] = self._verified_blocks
         out["verified_bytes"] = self._verified_bytes
         usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -210,10 +217,14 @@ class Receiver:
             self._finish(REFUSED, str(exc))
             self.session.fail(now, f"target refused: {exc}")
             return
+        if self.holding is not None and (why := self.holding.mismatch(event.manifest_bytes)):
+            self._finish(FAILED, why)
+            self.session.fail(now, why)
+            return
         loop = asyncio.get_running_loop()
         self.pipeline = BlockPipeline(
             self.target,
-            manifest,
+            manifest if self.holding is None else self.holding.writing_manifest(),
             loop=loop,
             on_result=self._block_result,
             on_disk_error=self._disk_error,
@@ -222,8 +233,12 @@ class Receiver:
         self.pipeline.start_zeroing()
         self._data_blocks = manifest.count(BlockKind.DATA)
         self._data_bytes = manifest.data_bytes()
+        if self.holding is not None:  # held blocks are verified: they count as done
+            self._verified_blocks = self.holding.data_blocks
+            self._verified_bytes = self.holding.data_bytes
         if self.progress is not None:
             self.progress.start(self._data_bytes)
+            self.progress.update(self._verified_bytes)
 
     def _block_received(self, event: ev.BlockReceived) -> None:
         if self.pipeline is None:
@@ -328,6 +343,11 @@ def run_receive(args: argparse.Namespace) -> int:
     except (OSError, KeyFormatError) as exc:
         print(f"fleetcast receive: cannot use key file {args.key_file}: {exc}", file=sys.stderr)
         return EXIT_CODES[USAGE]
+    try:
+        holding = receive_holding(args.target, args.manifest, args.delta, say=_say)
+    except ScanError as exc:
+        print(f"fleetcast receive: {exc}", file=sys.stderr)
+        return EXIT_CODES[USAGE]
     _keep_big_buffers_off_the_heap()
     progress = ProgressBar(sys.stderr) if sys.stderr.isatty() else None
     receiver = Receiver(
@@ -338,6 +358,7 @@ def run_receive(args: argparse.Namespace) -> int:
         target=args.target,
         assume_blank=args.assume_blank,
         progress=progress,
+        holding=holding,
     )
     started = time.monotonic()
     try:
@@ -352,6 +373,10 @@ def run_receive(args: argparse.Namespace) -> int:
     if args.stats_json:
         _write_json(args.stats_json, outcome, elapsed)
     return EXIT_CODES[outcome.result]
+
+
+def _say(line: str) -> None:
+    print(f"fleetcast receive: {line}", file=sys.stderr)
 
 
 def _keep_big_buffers_off_the_heap() -> None:
