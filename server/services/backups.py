@@ -12,8 +12,9 @@ Restore is a deployment of one image to one machine, started at once.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
 
 from sqlmodel import Session as DbSession
@@ -22,13 +23,23 @@ from sqlmodel import col, select
 from server.config import Settings
 from server.events import EventBus
 from server.images.store import ImageStore
-from server.models import Image, Retention, Schedule, Session, SessionCreate, StartPolicy
-from server.models_capture import BackupPublic, Capture, RestoreRequest
+from server.models import (
+    Group,
+    Image,
+    Machine,
+    Retention,
+    Schedule,
+    Session,
+    SessionCreate,
+    StartPolicy,
+)
+from server.models_capture import BackupPublic, Capture, CaptureCreate, RestoreRequest
 from server.services import sessions as svc
 from server.services.audit import record
+from server.services.capture import create_capture
 from server.services.errors import Conflict, ServiceError
 from server.services.images import delete_image, get_image
-from server.services.machines import get_machine
+from server.services.machines import get_machine, group_member_ids
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +174,80 @@ def _zone(name: str) -> ZoneInfo:
         return ZoneInfo(name)
     except (KeyError, ValueError):
         return ZoneInfo("UTC")
+
+
+# -- scheduled runs -----------------------------------------------------------------------
+
+
+def backup_name(db: DbSession, store: ImageStore, machine: Machine, day: date) -> str:
+    """``<machine>/<YYYY-MM-DD>``, with ``-2``, ``-3`` ... when that name is taken (the
+    machine's name made an image name: other characters become ``-``; no name: its MAC)."""
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", machine.name or machine.mac.replace(":", "-"))
+    base = base.strip("-.") or f"machine-{machine.id}"
+    stem = f"{base[:100]}/{day.isoformat()}"
+    for n in range(1, 1000):
+        name = stem if n == 1 else f"{stem}-{n}"
+        if not _taken(db, store, name):
+            return name
+    raise Conflict(f"no free backup name for machine {machine.id} on {day}")
+
+
+def _taken(db: DbSession, store: ImageStore, name: str) -> bool:
+    if store.exists(name) or db.exec(select(Image).where(Image.name == name)).first():
+        return True
+    q = select(Session).where(Session.kind == "capture", Session.target_image == name)
+    return db.exec(q).first() is not None
+
+
+def schedule_targets(db: DbSession, schedule: Schedule) -> list[int]:
+    """The machines of a schedule: its group's members, then its own machine ids."""
+    targets: list[int] = []
+    if schedule.group_id is not None and db.get(Group, schedule.group_id) is not None:
+        targets += group_member_ids(db, schedule.group_id)
+    for mid in schedule.machine_ids:
+        if mid not in targets and db.get(Machine, mid) is not None:
+            targets.append(mid)
+    return targets
+
+
+def open_backups(
+    db: DbSession,
+    bus: EventBus | None,
+    settings: Settings,
+    store: ImageStore,
+    schedule: Schedule,
+    run_id: int,
+    due: datetime,
+) -> tuple[list[int], list[str]]:
+    """One pending capture session per machine of ``schedule``'s backup run ``run_id``, named
+    ``<machine>/<local date of due>``. Returns the session ids and, for machines left out
+    (busy in another session, ...), why."""
+    day = _aware(due).astimezone(_zone(schedule.timezone)).date()
+    created, problems = [], []
+    for mid in schedule_targets(db, schedule):
+        machine = get_machine(db, mid)
+        try:  # create_capture checks everything before it adds a row
+            name = backup_name(db, store, machine, day)
+            req = CaptureCreate(machine_id=mid, target_image=name)
+            actor = f"schedule:{schedule.id}"
+            s = create_capture(
+                db, bus, settings, store, req, actor, schedule_id=schedule.id, run_id=run_id
+            )
+            created.append(s.id or 0)
+        except ServiceError as exc:
+            problems.append(f"machine {machine.name or machine.mac}: {exc}")
+    return created, problems
+
+
+def run_sessions(db: DbSession, run_id: int) -> list[Session]:
+    """The capture sessions of backup run ``run_id``."""
+    q = (
+        select(Session)
+        .join(Capture, col(Capture.session_id) == Session.id)
+        .where(Capture.schedule_run_id == run_id)
+        .order_by(col(Session.id))
+    )
+    return list(db.exec(q))
 
 
 # -- restore ------------------------------------------------------------------------------

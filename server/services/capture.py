@@ -134,7 +134,7 @@ def create_capture(
         session_id=sid,
         machine_id=req.machine_id,
         message=f"session {sid}: capture of machine {machine.name or machine.mac} as {name}",
-        kind="capture",
+        session_kind="capture",
         image=name,
     )
     return s

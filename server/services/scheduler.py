@@ -31,6 +31,7 @@ from sqlmodel import col, select
 from server.config import Settings
 from server.db import db_session
 from server.events import EventBus
+from server.images.store import ImageStore
 from server.models import (
     Group,
     Machine,
@@ -38,11 +39,12 @@ from server.models import (
     ScheduleBase,
     ScheduleRun,
     ScheduleRunPublic,
+    Session,
     SessionCreate,
     StartPolicy,
 )
+from server.services import backups, capture, wol
 from server.services import sessions as svc
-from server.services import wol
 from server.services.audit import record
 from server.services.errors import Conflict, Invalid, NotFound, ServiceError
 
@@ -199,6 +201,7 @@ class Scheduler:
     ) -> None:
         self.engine, self.settings, self.bus, self.launch = engine, settings, bus, launch
         self.clock, self.wake = clock, wake
+        self.store = ImageStore(settings.image_root)
 
     async def run(self) -> None:
         """Look at the schedules every ``scheduler_tick`` seconds, until cancelled."""
@@ -213,6 +216,7 @@ class Scheduler:
 
     def _tick_once(self) -> list[int]:
         with db_session(self.engine) as db:
+            capture.release_ended_pins(db, self.store)
             return self.tick(db, self.clock())
 
     def tick(self, db: DbSession, now: datetime) -> list[int]:
@@ -259,9 +263,9 @@ class Scheduler:
         """The server was down from the wake-up past the grace: the run is missed, and its
         pending session is cancelled (its machines boot their disks again)."""
         why = f"the server was not running at the due time; {late.total_seconds():.0f} s late"
-        session = svc.get_session(db, run.session_id or 0)
-        if session.state == "pending":
-            svc.cancel(db, self.bus, session, f"schedule:{run.schedule_id}", f"missed: {why}")
+        for session in self._run_sessions(db, run):
+            if session.state == "pending":
+                svc.cancel(db, self.bus, session, f"schedule:{run.schedule_id}", f"missed: {why}")
         run.state, run.reason = "missed", why
         db.add(run)
 
@@ -269,6 +273,8 @@ class Scheduler:
         self, db: DbSession, s: Schedule, spec: ScheduleBase, due: datetime, end: datetime | None
     ) -> ScheduleRun:
         """Create the run's session (pending) and wake its machines."""
+        if s.action == "backup":
+            return self._open_backup(db, s, due)
         policy = StartPolicy.model_validate(
             {
                 **s.start_policy,
@@ -293,14 +299,43 @@ class Scheduler:
             )
         run = self._record_run(db, s, due, "waking", "", session.id)
         if s.wake_lead > 0:
-            run.woken, run.reason = self._wake(db, s, session.id or 0)
+            targets = [r.machine_id for r in svc.session_machines(db, session.id or 0)]
+            run.woken, run.reason = self._wake(db, s, targets, session.id)
         db.add(run)
         return run
 
-    def _wake(self, db: DbSession, s: Schedule, session_id: int) -> tuple[int, str]:
-        """Magic packets for every target of the session; (machines woken, problem)."""
-        rows = svc.session_machines(db, session_id)
-        machines = db.exec(select(Machine).where(col(Machine.id).in_([r.machine_id for r in rows])))
+    def _open_backup(self, db: DbSession, s: Schedule, due: datetime) -> ScheduleRun:
+        """A backup run: one pending capture session per machine (backups.open_backups)."""
+        run = self._record_run(db, s, due, "waking", "")
+        ids, problems = backups.open_backups(
+            db, self.bus, self.settings, self.store, s, run.id or 0, due
+        )
+        reason = "; ".join(problems)
+        if not ids:
+            run.state = "failed"
+            run.reason = "no capture session could be created: " + (
+                reason or "the schedule has no machines"
+            )
+        elif s.wake_lead > 0:
+            targets = [r.machine_id for sid in ids for r in svc.session_machines(db, sid)]
+            run.woken, why = self._wake(db, s, targets, None)
+            run.reason = "; ".join(x for x in (reason, why) if x)
+        else:
+            run.reason = reason
+        db.add(run)
+        return run
+
+    def _run_sessions(self, db: DbSession, run: ScheduleRun) -> list[Session]:
+        """The session of a deploy run, or the capture sessions of a backup run."""
+        if run.session_id is not None:
+            return [svc.get_session(db, run.session_id)]
+        return backups.run_sessions(db, run.id or 0)
+
+    def _wake(
+        self, db: DbSession, s: Schedule, targets: list[int], session_id: int | None
+    ) -> tuple[int, str]:
+        """Magic packets for the machines ``targets``; (machines woken, problem)."""
+        machines = db.exec(select(Machine).where(col(Machine.id).in_(targets)))
         by_target: dict[tuple[str, int], list[str]] = {}
         for m in machines:
             group = db.get(Group, m.group_id) if m.group_id is not None else None
@@ -330,6 +365,8 @@ class Scheduler:
         return woken, "; ".join(problems)
 
     def _start(self, db: DbSession, run: ScheduleRun) -> int | None:
+        if run.session_id is None:
+            return self._start_backups(db, run)
         session = svc.get_session(db, run.session_id or 0)
         if session.state != "pending":
             run.state, run.reason = "failed", f"its session was {session.state} at the due time"
@@ -339,6 +376,20 @@ class Scheduler:
         run.state = "started"
         db.add(run)
         return session.id
+
+    def _start_backups(self, db: DbSession, run: ScheduleRun) -> None:
+        """Start the run's pending capture sessions (no sender to launch: agents upload)."""
+        started = 0
+        for session in backups.run_sessions(db, run.id or 0):
+            if session.state == "pending":
+                svc.mark_running(db, self.bus, session, f"schedule:{run.schedule_id}")
+                started += 1
+        if started:
+            run.state = "started"
+        else:
+            run.state, run.reason = "failed", "its capture sessions had all ended at the due time"
+        db.add(run)
+        return None
 
     def _record_run(
         self,

@@ -147,7 +147,8 @@ async def put_block(
     declared = int(request.headers.get("content-length") or 0)
     if declared > raw_length:
         raise cap.Refused(
-            f"block {digest[:64]} refused: {declared} bytes for a {raw_length}-byte block"
+            f"block {digest[:64]} refused: the body is larger than its raw length "
+            f"({declared} > {raw_length} bytes)"
         )
     payload = await _read_body(request.stream(), raw_length, f"block {digest[:64]}")
     engine, store = request.app.state.engine, request.app.state.store
