@@ -1,0 +1,142 @@
+"""Resume and delta re-imaging end to end: real processes, real multicast, private namespaces.
+
+A receiver killed half-way and started again hashes its target, joins with what it holds,
+and is sent only the rest; disks holding version 1 of an image get only the blocks version
+2 changed. Targets must end byte-identical to the image either way.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleethelp import MIB, BuiltImage, Fleet, build_image, file_sha256
+
+from bench.lab import wait_until
+from protocol.manifest import BlockKind, Manifest
+
+pytestmark = pytest.mark.netns
+
+RECEIVE_OK, SEND_OK, SEND_PARTIAL = 0, 0, 3
+BLOCKS = 40  #: 1 MiB blocks: 36 data, 4 zero
+#: Fragment payload per datagram at the default 1472-byte UDP payload, a lower bound.
+FRAGMENT = 1400
+
+
+def _disk(path: Path, rng: random.Random) -> None:
+    """Half-random, half-text data blocks (zstd gets ~2x) and a zero block every tenth."""
+    with open(path, "wb") as f:
+        for i in range(BLOCKS):
+            if i % 10 == 9:
+                f.write(bytes(MIB))
+            else:
+                f.write(rng.randbytes(MIB // 2) + (b"block %04d " % i) * (MIB // 22))
+                f.write(bytes(MIB - MIB // 2 - len(b"block 0000 ") * (MIB // 22)))
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuiltImage, BuiltImage, set[int]]:
+    """Images v1 and v2 in one store; v2 differs from v1 in two data blocks (5%)."""
+    root = tmp_path_factory.mktemp("versions")
+    v1_disk, v2_disk = root / "v1.img", root / "v2.img"
+    _disk(v1_disk, random.Random(91))
+    changed = {4, 27}
+    data = bytearray(v1_disk.read_bytes())
+    for i in changed:
+        data[i * MIB + 100 : i * MIB + 200] = random.Random(i).randbytes(100)
+    v2_disk.write_bytes(data)
+    v1 = build_image(root / "data", "lab-v1", v1_disk)
+    v2 = build_image(root / "data", "lab-v2", v2_disk)
+    return v1, v2, changed
+
+
+def _manifest_file(image: BuiltImage) -> str:
+    return str(image.data_dir / "images" / "manifests" / f"{image.name}.json")
+
+
+def _fragments(m: Manifest, blocks: set[int] | list[int]) -> int:
+    return sum(-(-m.stored_sizes[i] // FRAGMENT) for i in blocks)
+
+
+def test_disks_holding_v1_are_sent_only_the_blocks_v2_changed(
+    make_fleet: Callable[..., Fleet],
+    versions: tuple[BuiltImage, BuiltImage, set[int]],
+    tmp_path: Path,
+) -> None:
+    v1, v2, changed = versions
+    fleet = make_fleet(v2, 2)
+    targets = [tmp_path / f"r{i}.img" for i in range(2)]
+    for t in targets:
+        shutil.copyfile(v1.disk, t)
+    manifest = ["--delta", "auto", "--manifest", _manifest_file(v2)]
+    receivers = [
+        fleet.receive(n, t, *manifest) for n, t in zip(fleet.lab.receivers, targets, strict=True)
+    ]
+    stats = tmp_path / "sender.json"
+    sender = fleet.send("--min-receivers", "2", "--max-wait", "20", "--stats-json", str(stats))
+    assert fleet.wait(sender, "sender", 60) == SEND_OK, fleet.log("sender")
+    m = v2.manifest
+    data_blocks = m.count(BlockKind.DATA)
+    for node, proc, target in zip(fleet.lab.receivers, receivers, targets, strict=True):
+        assert fleet.wait(proc, node.name, 20) == RECEIVE_OK, fleet.log(node.name)
+        assert file_sha256(target) == v2.sha256  # byte-identical to version 2
+        s = fleet.stats(node)
+        assert s["held_blocks"] == data_blocks - len(changed)
+        assert s["session"]["blocks_received"] == len(changed)
+        assert s["verified_blocks"] == data_blocks
+        assert s["target"]["bytes_written"] == len(changed) * MIB  # nothing else rewritten
+        assert s["target"]["bytes_zeroed"] == 0  # its zero blocks were zeros already
+    sent = _sender_session(stats)
+    wanted = sum(m.stored_sizes[i] for i in changed)
+    full = m.stored_bytes
+    # the changed blocks (plus the manifest, announces and a few repairs), not the image
+    assert wanted <= sent["bytes_sent"] < wanted + full // 10, (sent["bytes_sent"], wanted, full)
+
+
+@pytest.mark.slow
+def test_a_receiver_killed_half_way_resumes_with_only_the_missing_blocks(
+    make_fleet: Callable[..., Fleet],
+    versions: tuple[BuiltImage, BuiltImage, set[int]],
+    tmp_path: Path,
+) -> None:
+    _, image, _ = versions
+    m = image.manifest
+    fleet = make_fleet(image, 1)
+    node = fleet.lab.receivers[0]
+    target = tmp_path / "target.img"
+    sender = fleet.send("--rate", "48M", "--max-wait", "20")
+    first = fleet.receive(node, target)
+    half = m.data_bytes() // 2
+    assert wait_until(lambda: target.exists() and target.stat().st_blocks * 512 >= half, 30), (
+        fleet.log(node.name)
+    )
+    fleet.lab.kill(first, signal.SIGKILL)  # power lost: no LEAVE, nothing flushed
+    again = fleet.receive(node, target, "--delta", "auto", "--manifest", _manifest_file(image))
+    assert fleet.wait(again, node.name, 60) == RECEIVE_OK, fleet.log(node.name)
+    assert file_sha256(target) == image.sha256
+    s = fleet.stats(node)
+    held, received = s["held_blocks"], s["session"]["blocks_received"]
+    data_blocks = m.count(BlockKind.DATA)
+    assert held >= data_blocks // 3, s  # it kept what it had written and verified
+    assert held + received == data_blocks  # and was handed only the rest
+    # fragments of held blocks arriving anyway (what the dead instance still lacked, in
+    # flight) stay a small share of what resending the held blocks would be
+    data = [i for i in range(m.block_count) if m.kinds[i] == BlockKind.DATA]
+    assert s["session"]["duplicates"] < _fragments(m, data) * held // data_blocks // 3, s
+    # the killed instance goes silent and is evicted; the session still ends
+    assert fleet.wait(sender, "sender", 60) in (SEND_OK, SEND_PARTIAL), fleet.log("sender")
+
+
+def _sender_session(path: Path) -> dict[str, Any]:
+    deadline = time.monotonic() + 5
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    data: dict[str, Any] = json.loads(path.read_text())["session"]
+    return data
