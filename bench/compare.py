@@ -38,7 +38,16 @@ from typing import Any
 from bench import profile, report, scenarios
 from bench.disks import make_random_disk, make_realistic_disk, parse_size
 from bench.lab import Lab, LabError, Node, require_lab_support
-from bench.peers import ROOT, Fleetcast, Launched, PreparedImage, RunContext, Tool, all_tools
+from bench.peers import (
+    ROOT,
+    Fleetcast,
+    Launched,
+    PreparedImage,
+    RunContext,
+    Tool,
+    all_tools,
+    tool_by_name,
+)
 from bench.slowdisk import SlowDisk
 from server.images.store import ImageStore
 
@@ -383,21 +392,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra argument for 'fleetcast send' (repeat: --fleetcast-arg=--rate "
         "--fleetcast-arg=900M)",
     )
+    p.add_argument(
+        "--images",
+        type=Path,
+        help="keep the prepared images in this directory and reuse them on the next run "
+        "with the same --size and --level (default: build them afresh in a temporary one)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="DIR",
+        help="also run fleetcast from the source tree DIR (e.g. a 'git worktree' of an older "
+        "commit) as the tool fleetcast-base, interleaved with the others",
+    )
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     return p.parse_args(argv)
 
 
 def choose_tools(spec: str | None) -> list[Tool]:
     """Tools named in ``spec`` (all when None); SystemExit naming an unknown one."""
-    tools = all_tools()
     if not spec:
-        return tools
+        return all_tools()
+    known = tool_by_name()
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
-    names = [t.name for t in tools]
-    unknown = [w for w in wanted if w not in names]
+    unknown = [w for w in wanted if w not in known]
     if unknown:
-        raise SystemExit(f"bench.compare: unknown tool(s) {unknown}: choose from {names}")
-    return [t for t in tools if t.name in wanted]
+        raise SystemExit(f"bench.compare: unknown tool(s) {unknown}: choose from {list(known)}")
+    return [t for name, t in known.items() if name in wanted]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -413,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     reps = a.reps or (1 if a.quick else 3)
     tools = choose_tools(a.tools)
+    if a.baseline is not None:
+        tools.insert(len(tools) - 1 if tools and tools[-1].name == "fleetcast" else len(tools),
+                     Fleetcast(root=a.baseline.resolve()))  # fmt: skip
     for t in tools:
         if isinstance(t, Fleetcast) and a.fleetcast_arg:
             t.sender_args = tuple(a.fleetcast_arg)
@@ -452,11 +476,11 @@ def run_all(
 ) -> list[dict[str, Any]]:
     """Prepare the images the scenarios need, then every scenario x tool x repetition."""
     results: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="fcbench-img-", dir="/var/tmp") as img_dir:
+    with _image_dir(a.images) as img_dir:
         images: dict[str, PreparedImage] = {}
         for kind in sorted({s.image for s in chosen}):
             t = time.monotonic()
-            images[kind] = prepare_image(kind, a.size, Path(img_dir), a.level)
+            images[kind] = cached_image(kind, a.size, img_dir, a.level)
             _say(f"image {kind}: {_describe(images[kind])} ({time.monotonic() - t:.0f} s)")
         with _scratch(a.scratch, a.keep) as scratch:
             for sc in chosen:
@@ -470,6 +494,37 @@ def run_all(
                         results.append(rec)
                         _say(_line(rec))
     return results
+
+
+@contextlib.contextmanager
+def _image_dir(keep: Path | None) -> Iterator[Path]:
+    if keep is not None:
+        keep.mkdir(parents=True, exist_ok=True)
+        yield keep
+        return
+    with tempfile.TemporaryDirectory(prefix="fcbench-img-", dir="/var/tmp") as d:
+        yield Path(d)
+
+
+def cached_image(kind: str, size: int, parent: Path, level: int) -> PreparedImage:
+    """``prepare_image`` in ``parent/KIND-SIZE-LEVEL``, reused when a previous run left it
+    complete (its description file is written last, and the exported image still hashes
+    the same is not re-checked: delete the directory to rebuild)."""
+    work = parent / f"{kind}-{size}-{level}"
+    desc = work / "prepared.json"
+    if desc.exists():
+        fields = json.loads(desc.read_text())
+        for k in ("data_dir", "raw"):
+            fields[k] = Path(fields[k])
+        img = PreparedImage(**fields)
+        if img.raw.exists():
+            return img
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    img = prepare_image(kind, size, work, level)
+    fields = {k: str(v) if isinstance(v, Path) else v for k, v in vars(img).items()}
+    desc.write_text(json.dumps(fields, indent=1))
+    return img
 
 
 def _profiles(out: Path, tag: str) -> str:

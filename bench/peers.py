@@ -56,6 +56,7 @@ class RunContext:
     group: str
     key_file: Path
     timeout: float  #: seconds the whole transfer may take
+    t0: float = 0.0  #: time.monotonic() when the sender (or the downloads) started
 
     def log(self, name: str) -> Path:
         return self.work / f"{name}.log"
@@ -90,7 +91,7 @@ class Tool:
         """Receivers first, a moment to bind, then the sender; t0 is the sender's start."""
         receivers = [self.start_receiver(ctx, i, n) for i, n in enumerate(ctx.lab.receivers)]
         time.sleep(0.5)
-        t0 = time.monotonic()
+        t0 = ctx.t0 = time.monotonic()
         sender = self.start_sender(ctx)
         return Launched(sender, receivers, t0)
 
@@ -257,7 +258,7 @@ class Http(Tool):
         up = wait_until(lambda: ctx.lab.run(node, probe, check=False).returncode == 0, 15, 0.1)
         if not up:
             raise RuntimeError(f"http.server did not answer in 15 s: {_read(ctx.log('sender'))}")
-        t0 = time.monotonic()
+        t0 = ctx.t0 = time.monotonic()
         receivers = [self.start_receiver(ctx, i, n) for i, n in enumerate(ctx.lab.receivers)]
         return Launched(sender, receivers, t0)
 
@@ -277,16 +278,18 @@ class Fleetcast(Tool):
     """``fleetcast send`` / ``fleetcast receive`` (the standalone engine CLI)."""
 
     sender_args: tuple[str, ...] = ()
+    #: the source tree whose engine runs (another checkout: ``bench.compare --baseline``)
+    root: Path = ROOT
 
     def __post_init__(self) -> None:
-        self.name = "fleetcast"
+        self.name = "fleetcast" if self.root == ROOT else "fleetcast-base"
 
     def _argv(self, ctx: RunContext, *args: str) -> list[str]:
         common = ["--group", ctx.group, "--port", str(ctx.port), "--iface", "lab0"]
         return [sys.executable, "-m", "fleetcast", *args, *common, "--key-file", str(ctx.key_file)]
 
     def _env(self, ctx: RunContext) -> dict[str, str]:
-        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        path = os.pathsep.join(p for p in (str(self.root), os.environ.get("PYTHONPATH")) if p)
         return {**os.environ, "FLEETCAST_DATA": str(ctx.image.data_dir), "PYTHONPATH": path}
 
     def _stats(self, ctx: RunContext, i: int) -> Path:
@@ -300,6 +303,8 @@ class Fleetcast(Tool):
     def start_sender(self, ctx: RunContext) -> subprocess.Popen[bytes]:
         argv = self._argv(ctx, "send", ctx.image.name)
         argv += ["--min-receivers", str(ctx.scenario.receivers), "--max-wait", "30"]
+        if "--stats-json" in _read(self.root / "server" / "multicast" / "command.py"):
+            argv += ["--stats-json", str(ctx.work / "sender.json")]  # older trees lack it
         return _popen(ctx, ctx.lab.sender, "sender", [*argv, *self.sender_args], self._env(ctx))
 
     def bytes_written(self, image: PreparedImage) -> int:
@@ -322,6 +327,7 @@ class Fleetcast(Tool):
             naks += int(session.get("naks_sent", 0) or 0)
         out["nak_datagrams"] = naks
         out["receiver_stats"] = per_receiver
+        out["timeline"] = self._timeline(ctx, per_receiver)
         m = re.search(r"(\d+) datagrams \(([\d.]+) MiB\) in (\d+) sends", _read(ctx.log("sender")))
         if m:
             sent = int(m.group(1))
@@ -332,6 +338,25 @@ class Fleetcast(Tool):
             if once and sent:
                 out["retransmitted_share"] = max(0.0, (sent - once) / sent)
         return out
+
+    def _timeline(self, ctx: RunContext, per_receiver: list[dict[str, Any]]) -> dict[str, float]:
+        """Seconds after the sender's start when each phase ended (docs/BENCHMARKS.md):
+        ``run`` (Python start-up, imports, manifest load), ``transfer`` (joins and the start
+        rule), ``last_data`` (the sender's last data send), ``last_in`` (the last datagram a
+        receiver read), ``completed`` (the last DONE the sender accepted: decode, verify,
+        write and fsync of the last blocks, then the DONE exchange)."""
+        path = ctx.work / "sender.json"
+        if not path.exists():
+            return {}
+        stamps = json.loads(path.read_text()).get("timeline", {})
+        out = {k: stamps[k] - ctx.t0 for k in ("run", "transfer", "last_data") if k in stamps}
+        done = [v for k, v in stamps.items() if k.startswith("completed:")]
+        if done:
+            out["completed"] = max(done) - ctx.t0
+        last_in = [s.get("socket", {}).get("last_in_at") for s in per_receiver]
+        if last_in and all(isinstance(t, float) for t in last_in):
+            out["last_in"] = max(t for t in last_in if t is not None) - ctx.t0
+        return {k: round(v, 3) for k, v in out.items()}
 
 
 def all_tools() -> list[Tool]:

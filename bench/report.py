@@ -151,6 +151,39 @@ def targets(runs: list[Run]) -> str:
     return _md(rows) if len(rows) > 1 else "(no scenario here answers a target)\n"
 
 
+#: fleetcast's phases (bench/peers.py Fleetcast._timeline): key, what ends there
+PHASES = [
+    ("run", "start-up (Python, imports, manifest)"),
+    ("transfer", "joins + start rule"),
+    ("last_data", "sending (ramp, steady, repairs)"),
+    ("completed", "tail (last blocks verified, fsync, DONE)"),
+    ("exit", "receiver exit"),
+]
+
+
+def budget(runs: list[Run]) -> str:
+    """Where fleetcast's wall time goes, per scenario: median seconds spent in each phase."""
+    rows = [["scenario", *(label for _, label in PHASES), "wall s"]]
+    for (sc, tool), rs in group(runs).items():
+        if tool != "fleetcast":
+            continue
+        spans: dict[str, list[float]] = defaultdict(list)
+        for r in rs:
+            tl = dict(r["tool_reports"].get("timeline") or {})
+            if not tl or r["wall_s"] is None:
+                continue
+            tl["exit"] = r["wall_s"]
+            prev = 0.0
+            for key, _ in PHASES:
+                if key in tl:
+                    spans[key].append(tl[key] - prev)
+                    prev = tl[key]
+        if spans:
+            cells = [_f(median(spans.get(k, []))) for k, _ in PHASES]
+            rows.append([sc, *cells, _f(median(r["wall_s"] for r in rs))])
+    return _md(rows) if len(rows) > 1 else ""
+
+
 def _yes(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -206,6 +239,9 @@ def write(meta: dict[str, Any], runs: list[Run], out: Path, tag: str) -> str:
         f"end {meta['load_end'][0]:.1f} (per run in the last column).\n\n"
         "## Targets (issue 8)\n\n" + targets(runs) + "\n## All runs (medians)\n\n" + table(runs)
     )
+    spent = budget(runs)
+    if spent:
+        text += "\n## Where fleetcast's wall time goes (median s per phase)\n\n" + spent
     text += "".join(f"\n![{p.stem}]({p.name})\n" for p in pngs)
     (out / f"{tag}.md").write_text(text)
     return text

@@ -27,8 +27,11 @@ class EngineConfig:
     auto_rate: bool = True
     """Find the rate the group can take from the receivers' loss reports (§5)."""
 
-    initial_rate_bps: int = 200_000_000
-    """Starting rate in auto mode (capped by rate_bps)."""
+    initial_rate_bps: int = 1_000_000_000
+    """Starting rate in auto mode (capped by rate_bps): a 1 GbE port's. A transfer of a few
+    seconds cannot afford a slow ramp; a slower sender port blocks the socket instead of
+    losing, and a slower path or receiver is found within one or two STATUS intervals (a
+    loss or lag report cuts straight to the rate the receivers got through, §5)."""
 
     min_rate_bps: int = 1_000_000
     """Auto mode never goes below this."""
@@ -39,8 +42,9 @@ class EngineConfig:
     rate_interval: float = 0.1
     """How often auto mode adjusts the rate."""
 
-    rate_increase: float = 0.1
-    """Auto mode: fraction of the current rate added per rate_interval without loss."""
+    rate_increase: float = 0.25
+    """Auto mode, before the first cut: fraction of the current rate added per rate_interval
+    without loss or lag (a tenth of it after a cut)."""
 
     rate_decrease: float = 0.7
     """Auto mode: largest factor applied to the rate when loss exceeds loss_threshold (a
@@ -51,7 +55,8 @@ class EngineConfig:
 
     max_lag: float = 0.15
     """Auto mode: receivers reading further behind than this (seconds) stop the rate growing;
-    twice this slows it down (their socket buffers are filling)."""
+    twice this cuts it to a little below the rate they read at (their socket buffers are
+    filling: their CPU, not the network, is the limit)."""
 
     rate_quantile: float = 0.75
     """Auto mode: use the loss of the receiver at this quantile, not the worst one."""

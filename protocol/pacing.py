@@ -89,7 +89,7 @@ class Pacer:
         assert self.ceiling is not None
         q = int(cfg.rate_quantile * (len(reports) - 1))
         loss, received, _ = sorted(reports)[q]
-        lag = sorted(r[2] for r in reports)[q]
+        _, read_bps, lag = sorted(reports, key=lambda r: r[2])[q]
         elapsed = min(1.0, max(0.0, now - self._last_adjust)) / cfg.rate_interval
         self._last_adjust = now
         if loss > cfg.loss_threshold:
@@ -106,7 +106,12 @@ class Pacer:
             return
         if lag > cfg.max_lag:
             if lag > 2 * cfg.max_lag and now >= self._decrease_holdoff:
-                self._set_rate(now, int(self.rate_bps * 0.85))
+                # It reads slower than we send: what it read is what it can take. Go a
+                # little below that at once, so its backlog drains, not 15% per round.
+                cut = self.rate_bps * 0.85
+                if read_bps:
+                    cut = min(cut, max(read_bps * 0.9, self.rate_bps * 0.1))
+                self._set_rate(now, int(cut))
                 self.decreases += 1
                 self._slow_start = False
                 self._decrease_holdoff = now + 2 * cfg.status_interval

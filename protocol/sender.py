@@ -449,6 +449,8 @@ class SenderSession:
         self._counts["joins"] += 1
         self._events.append(ReceiverJoined(hdr.source, addr))
         self._reply_join(m)
+        if self._state is SenderState.WAITING and len(self._members) >= self._min_receivers:
+            self._check_start(now)  # at once, not at the next poll: a start costs no wait
 
     def _reply_join(self, m: Member) -> None:
         refused = m.state in (MemberState.EVICTED, MemberState.FAILED, MemberState.LEFT)

@@ -79,6 +79,10 @@ class SendReport:
     summary: dict[str, Any] = field(default_factory=dict)
     wire: dict[str, Any] = field(default_factory=dict)
     session: dict[str, Any] = field(default_factory=dict)
+    #: when things happened (time.monotonic(), comparable across processes on one host):
+    #: "run" (the session started), "transfer" (the start rule fired), "joined:ID",
+    #: "completed:ID", "ended" -- where a transfer's time goes (bench/compare.py)
+    timeline: dict[str, float] = field(default_factory=dict)
 
     def count(self, state: str) -> int:
         """How many receivers ended in ``state``."""
@@ -119,6 +123,7 @@ class SessionRunner:
         loop = asyncio.get_running_loop()
         o = self.options
         started = time.monotonic()
+        self.report.timeline["run"] = started
         session = SenderSession(
             session_id=o.session_id,
             key=o.key,
@@ -152,6 +157,10 @@ class SessionRunner:
             raise
         finally:
             self.report.elapsed = time.monotonic() - started
+            self.report.timeline["ended"] = time.monotonic()
+            last = self.transport.stats.last_data_at
+            if last is not None:
+                self.report.timeline["last_data"] = last
             self.report.wire = vars(self.transport.stats).copy()
             self.report.session = _as_dict(getattr(session, "stats", None))
             self.transport.close()
@@ -182,6 +191,7 @@ class SessionRunner:
     def _joined(self, event: ev.ReceiverJoined) -> None:
         rec = self._record(event)
         rec.state = "joined"
+        self.report.timeline.setdefault(f"joined:{rec.receiver_id:08x}", time.monotonic())
         log.info(
             "session %08x: receiver %08x joined from %s",
             self.options.session_id,
@@ -195,8 +205,12 @@ class SessionRunner:
         rec.blocks_done, rec.blocks_total = event.blocks_done, event.blocks_total
         rec.loss, rec.naks = event.loss, event.naks
 
+    def _transfer_started(self, event: ev.TransferStarted) -> None:
+        self.report.timeline.setdefault("transfer", time.monotonic())
+
     def _completed(self, event: ev.ReceiverCompleted) -> None:
         rec = self._record(event)
+        self.report.timeline[f"completed:{rec.receiver_id:08x}"] = time.monotonic()
         rec.done_bytes = self.report.manifest.data_bytes()  # its last STATUS may predate DONE
         self._end(event, "completed", "")
 
@@ -236,6 +250,7 @@ class SessionRunner:
 
 _HANDLERS: dict[type, Callable[[SessionRunner, Any], None]] = {
     ev.ReceiverJoined: SessionRunner._joined,
+    ev.TransferStarted: SessionRunner._transfer_started,
     ev.ReceiverProgress: SessionRunner._progress,
     ev.ReceiverCompleted: SessionRunner._completed,
     ev.ReceiverEvicted: SessionRunner._evicted,

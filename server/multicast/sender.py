@@ -20,6 +20,7 @@ import fcntl
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 GSO_MAX_SEGMENTS = 64
 MAX_DATAGRAM = 65535
 READ_BATCH = 64
+#: A send of at least this many bytes carried data (control datagrams are far smaller).
+DATA_SIZED = 1000
 #: Wait this long before retrying after ENOBUFS (it signals no writability).
 NOBUFS_RETRY = 0.001
 
@@ -54,6 +57,7 @@ class SendStats:
     datagrams_in: int = 0
     send_errors: int = 0
     gso: bool = True
+    last_data_at: float | None = None  #: time.monotonic() of the last data-sized send
 
 
 def interface_address(iface: str) -> str:
@@ -233,6 +237,8 @@ class SenderTransport:
                 log.warning("send to %s failed: %s", addr, exc)
                 return total
             segments = -(-n // seg)
+            if n >= DATA_SIZED:
+                self.stats.last_data_at = time.monotonic()
             self.stats.datagrams_out += segments
             self.stats.bytes_out += n
             done += n

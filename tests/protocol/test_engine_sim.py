@@ -14,6 +14,7 @@ from protocol import events as ev
 from protocol import wire
 from protocol.config import EngineConfig
 from protocol.receiver import ReceiverSession
+from protocol.sender import SenderSession, SenderState
 
 
 def _no_internal_errors(net: SimNet) -> None:
@@ -336,7 +337,9 @@ def test_a_restarted_receiver_rejoins_and_its_old_instance_is_ignored() -> None:
 
 def test_forged_foreign_and_replayed_datagrams_are_counted_and_change_nothing() -> None:
     image = make_image(random.Random(17), blocks=6)
-    net = SimNet(17, image, min_receivers=1)
+    # Slow enough that the session is still receiving at every injection (5 ms).
+    config = EngineConfig(initial_rate_bps=50_000_000)
+    net = SimNet(17, image, config, min_receivers=1)
     r = net.add_receiver("r")
     first = min(image.raw)
     garbage = bytes(len(image.stored[first]))
@@ -465,3 +468,28 @@ def test_receivers_reading_late_get_no_duplicates(lag: float) -> None:
         assert net.outcome(r) == "completed"
         assert r.session.stats["duplicates"] == 0
     assert net.sender.stats.get("resweep_datagrams", 0) == 0
+
+
+def test_the_transfer_starts_on_the_join_that_completes_the_group_not_a_poll_later() -> None:
+    image = make_image(random.Random(31), blocks=4)
+    config = EngineConfig()
+    sender = SenderSession(
+        session_id=SESSION_ID,
+        key=KEY,
+        manifest_bytes=image.manifest_bytes,
+        read_block=image.stored.__getitem__,
+        config=config,
+        now=0.0,
+        rng=random.Random(1),
+        min_receivers=1,
+    )
+    receiver = ReceiverSession(key=KEY, config=config, now=0.0, rng=random.Random(2))
+    for t in sender.datagrams_to_send(0.0):  # the first ANNOUNCE
+        receiver.receive_datagram(t.data, ("10.0.0.1", 9000), 0.0)
+    (join,) = receiver.datagrams_to_send(0.001)
+    sender.receive_datagram(join.data, ("10.0.0.2", 9000), 0.001)  # before the next poll
+    assert sender.state is SenderState.TRANSFERRING
+    events = []
+    while (e := sender.next_event()) is not None:
+        events.append(e)
+    assert ev.TransferStarted(1) in events

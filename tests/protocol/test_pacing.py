@@ -112,3 +112,29 @@ def test_receivers_reading_late_stop_the_growth_then_slow_the_rate() -> None:
     assert p.rate_bps == slowed
     p.adjust(0.9, [(0.0, 0, 0.01)] * 3)  # caught up: grow again
     assert p.rate_bps > slowed
+
+
+def test_auto_rate_starts_at_a_gigabit_port_not_a_slow_ramp() -> None:
+    p = Pacer(EngineConfig(auto_rate=True), 0.0)
+    assert p.rate_bps == 1_000_000_000
+    # a cap below that is where it starts
+    assert Pacer(EngineConfig(auto_rate=True, rate_bps=300_000_000), 0.0).rate_bps == 300_000_000
+
+
+def test_receivers_far_behind_cut_the_rate_to_what_they_read_at_once() -> None:
+    config = EngineConfig(auto_rate=True, initial_rate_bps=1_000_000_000, max_lag=0.15)
+    p = Pacer(config, 0.0)
+    # CPU-bound receivers read 300 Mbit/s of a 1 Gbit/s stream and fall 0.4 s behind
+    p.adjust(0.3, [(0.0, 300_000_000, 0.4)] * 4)
+    assert p.rate_bps == pytest.approx(270_000_000, rel=0.01)
+    # one cut per pair of STATUS intervals, then growth once the backlog is gone
+    p.adjust(0.4, [(0.0, 100_000_000, 0.5)] * 4)
+    assert p.rate_bps == pytest.approx(270_000_000, rel=0.01)
+    p.adjust(1.0, [(0.0, 270_000_000, 0.0)] * 4)
+    assert p.rate_bps is not None and p.rate_bps > 270_000_000
+
+
+def test_a_lag_report_without_a_read_rate_still_slows_by_a_step() -> None:
+    p = Pacer(EngineConfig(auto_rate=True, initial_rate_bps=400_000_000), 0.0)
+    p.adjust(0.3, [(0.0, 0, 0.5)])
+    assert p.rate_bps == 340_000_000
