@@ -487,6 +487,7 @@ class ImageStore:
     def pin_present(self, key: str, digests: list[bytes]) -> dict[bytes, int]:
         """The stored size of each of ``digests`` the store has; those are pinned under
         ``key`` (so they are still there when the capture's manifest comes)."""
+        self._pin_path(key)  # a bad key fails before anything is read
         with self._shared():
             present: dict[bytes, int] = {}
             for d in digests:
