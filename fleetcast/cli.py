@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "admin": ("server.cli:admin_main", "create users and API tokens, migrate the database"),
     "agent": ("client.cli:agent_main", "enroll with a server and receive what it assigns"),
     "pxe": ("server.cli:pxe_main", "network boot helpers (dnsmasq configuration)"),
+    "capture": ("server.capture_cli:capture_main", "capture a machine's disk over the network"),
 }
 
 
