@@ -149,7 +149,6 @@ class _Batch:
     """Data blocks read and being hashed, handed to the uploader together."""
 
     blocks: list[tuple[int, bytearray, Future[bytes]]] = field(default_factory=list)
-    done_mark: int = 0  #: the walker's done bytes once this batch was cut
 
 
 class Capturer:
@@ -173,7 +172,9 @@ class Capturer:
         self.stats = CaptureStats()
         self.phase = "reading"  #: "reading" while the disk is read, then "uploading"
         self.total = 0  #: raw bytes the walk reads (known once the maps are taken)
-        self.settled = 0  #: raw bytes walked whose blocks the server has now
+        self._walker: BlockWalker | None = None
+        self._data_seen = 0  # raw bytes of the data blocks read so far
+        self._data_settled = 0  # ... of those the server has now
         self.manifest: Manifest | None = None
         self.cancelled = threading.Event()
         self._known: dict[bytes, int] = {}  # digest -> stored size on the server
@@ -195,7 +196,7 @@ class Capturer:
                 m = new_manifest(src, self.job.level, self.job.block_size, created=self.created)
                 used = analyse(src, m, True, self.warn)
                 walker = BlockWalker(src, m, used)
-                self.total, self.manifest = walker.to_read(), m
+                self.total, self.manifest, self._walker = walker.to_read(), m, walker
                 self._pipeline(walker)
                 self.stats.read_bytes = walker.read_bytes
                 m.image_sha256 = walker.image_sha256()
@@ -243,11 +244,10 @@ class Capturer:
                 if self._error is not None or self.cancelled.is_set():
                     return
             batch.blocks.append((index, buf, pool.submit(block_digest, buf)))
+            self._data_seen += len(buf)
             if len(batch.blocks) >= self.batch_blocks:
-                batch.done_mark = walker.done_bytes
                 self._hand_over(batches, batch)
                 batch = _Batch()
-        batch.done_mark = walker.done_bytes
         self._hand_over(batches, batch)
 
     def _hand_over(self, batches: queue.Queue[_Batch | None], batch: _Batch) -> None:
@@ -265,7 +265,6 @@ class Capturer:
             try:
                 if self._error is None and not self.cancelled.is_set():
                     self._settle(batch, pool)
-                    self.settled = batch.done_mark
             except BaseException as exc:  # handed to the reading thread, raised there
                 self._error = exc
             finally:
@@ -305,10 +304,19 @@ class Capturer:
                 f"the server keeps answering that block {todo[0].hex()} is missing after "
                 f"{MAX_ROUNDS} uploads of it: check the server's image store"
             )
-        for (index, _, _), d in zip(batch.blocks, digests, strict=True):
+        for (index, buf, _), d in zip(batch.blocks, digests, strict=True):
             self.manifest.set_data(index, d, self._known[d])
+            self._data_settled += len(buf)
         self.stats.data_blocks += len(digests)
         self.stats.reused_blocks = self.stats.data_blocks - self.stats.uploaded_blocks
+
+    @property
+    def settled(self) -> int:
+        """Raw bytes walked that are done: zero blocks, and data blocks the server has."""
+        if self._walker is None:
+            return 0
+        self.stats.read_bytes = self._walker.read_bytes
+        return self._walker.done_bytes - self._data_seen + self._data_settled
 
     def sample(self, started: float) -> dict[str, Any]:
         """One progress sample for POST /api/agent/progress (with the counters)."""
@@ -413,11 +421,10 @@ class _Reporter:
         body = {"session_id": self.session_id, "phase": c.phase, "samples": [sample]}
         if c.total:
             log.info(
-                "session %d: %s %5.1f%%  %s MiB read, %d blocks uploaded (%s MiB), %d reused",
-                self.session_id, c.phase, 100 * c.settled / c.total,
-                f"{c.stats.read_bytes / 2**20:,.0f}" if c.phase != "reading" else
-                f"{c.settled / 2**20:,.0f}", c.stats.uploaded_blocks,
-                f"{c.stats.uploaded_bytes / 2**20:,.1f}", c.stats.reused_blocks,
+                "session %d: %s %5.1f%% (%s of %s MiB), %d blocks uploaded (%.1f MiB), %d reused",
+                self.session_id, c.phase, 100 * sample["bytes_done"] / c.total,
+                f"{sample['bytes_done'] / 2**20:,.0f}", f"{c.total / 2**20:,.0f}",
+                c.stats.uploaded_blocks, c.stats.uploaded_bytes / 2**20, c.stats.reused_blocks,
             )  # fmt: skip
         assert self.agent.api is not None
         try:

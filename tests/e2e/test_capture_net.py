@@ -227,8 +227,11 @@ def test_a_capture_killed_half_way_resumes_in_a_new_agent_and_completes(
     m = manifest_of(sl, "pc/k")
     total = len(m.unique_digests())
     assert before_kill < total
-    assert 0 < record["uploaded_blocks"] <= total - before_kill  # only what was missing
-    assert record["reused_blocks"] >= before_kill
+    assert record["uploaded_blocks"] == total  # by both agents, each block stored once
+    assert sl.api is not None
+    agent2 = sl.api.get(f"/api/sessions/{session_id}").json()["stats"]["agent"]
+    assert 0 < agent2["uploaded_blocks"] <= total - before_kill  # only what was missing
+    assert agent2["reused_blocks"] >= before_kill
     out = tmp_path / "exported.img"
     export_image(ImageStore(sl.data_dir / "images"), "pc/k", out)
     assert files_of(out, disk.part_size, list(disk.files), tmp_path) == disk.files
