@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 
 from server.api.deps import WEB_PREFIX, WEB_STATIC, LoginRequired
 from server.services.errors import ServiceError
-from server.web import auth, inventory, schedules, sessions
+from server.web import auth, captures, inventory, schedules, sessions
 from server.web.common import TEMPLATES, WEB_ROOT
 
 Handler = Callable[[Request, Exception], Awaitable[Response]]
@@ -23,7 +23,7 @@ Handler = Callable[[Request, Exception], Awaitable[Response]]
 
 def install(app: FastAPI, api_errors: Handler) -> None:
     """Add the dashboard to ``app``; ``api_errors`` keeps answering ServiceError outside /ui."""
-    for module in (auth, sessions, inventory, schedules):
+    for module in (auth, sessions, inventory, schedules, captures):
         app.include_router(module.router)
     app.mount(WEB_STATIC, StaticFiles(directory=WEB_ROOT / "static"), name="web-static")
     app.add_exception_handler(LoginRequired, _login_required)

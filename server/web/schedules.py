@@ -14,11 +14,12 @@ from sqlmodel import col, select
 
 from server.api.deps import WEB_PREFIX, DbDep, Id, WebDep
 from server.db import db_session
-from server.models import Schedule, ScheduleCreate
+from server.models import Retention, Schedule, ScheduleCreate
 from server.services import images as images_svc
 from server.services import machines as machines_svc
 from server.services import scheduler as svc
 from server.services.errors import ServiceError
+from server.web.captures import backup_captures
 from server.web.common import Csrf, check_post, page, see_other
 from server.web.sessions import RATE_RANGE
 
@@ -28,13 +29,15 @@ WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 FIELDS = (
     "name", "image", "group_id", "machine_ids", "kind", "once_at", "cron", "time", "timezone",
     "window_end", "on_window_end", "wake_lead_min", "grace", "rate_mbytes", "start",
-    "min_receivers", "max_wait", "quiet_period", "enabled",
+    "min_receivers", "max_wait", "quiet_period", "enabled", "action", "keep_daily",
+    "keep_weekly", "keep_monthly",
 )  # fmt: skip
 #: Where a scheduler error (its message begins with the field's name) shows on the form.
 _ERROR_FIELD = {
     "unknown time zone": "timezone", "window_end": "window_end", "once_at": "once_at",
     "cron": "cron", "time": "time", "weekdays": "weekdays", "image": "image",
     "group": "group_id", "machine": "machine_ids", "a schedule named": "name",
+    "a deploy schedule": "image", "a backup schedule": "image",
 }  # fmt: skip
 
 
@@ -59,7 +62,8 @@ def _as_form(s: Schedule) -> dict[str, Any]:
         "start": p.get("start", "now"), "min_receivers": str(p.get("min_receivers") or ""),
         "max_wait": f"{p.get('max_wait', 300):g}",
         "quiet_period": f"{p['quiet_period']:g}" if p.get("quiet_period") is not None else "",
-        "enabled": "on" if s.enabled else "",
+        "enabled": "on" if s.enabled else "", "action": s.action,
+        **{f"keep_{k}": str(v) for k, v in Retention.model_validate(s.retention)},
     }  # fmt: skip
 
 
@@ -96,14 +100,18 @@ def parse_schedule_form(form: dict[str, Any]) -> tuple[ScheduleCreate | None, di
         errors["wake_lead_min"] = "between 0 and 120 minutes (0: no Wake-on-LAN)"
     if not str(form.get("name", "")).strip():
         errors["name"] = "give the schedule a name"
-    if not form.get("image"):
+    backup = form.get("action") == "backup"
+    retention = {k: number(f"keep_{k}", int) for k in ("daily", "weekly", "monthly")}
+    if not form.get("image") and not backup:
         errors["image"] = "choose an image"
     if group is None and not ids and "machine_ids" not in errors:
         errors["group_id"] = "choose a group, or list machine ids"
     if errors:
         return None, errors
     body: dict[str, Any] = {
-        "name": str(form["name"]).strip(), "image": form["image"], "group_id": group,
+        "name": str(form["name"]).strip(), "image": "" if backup else form["image"],
+        "group_id": group, "action": "backup" if backup else "deploy",
+        "retention": {k: v for k, v in retention.items() if v is not None},
         "machine_ids": ids, "start_policy": policy, "kind": form.get("kind") or "weekly",
         "once_at": form.get("once_at", ""), "cron": form.get("cron", ""),
         "weekdays": [int(d) for d in form.get("weekdays", []) if str(d).isdigit()],
@@ -121,6 +129,8 @@ def parse_schedule_form(form: dict[str, Any]) -> tuple[ScheduleCreate | None, di
         out: dict[str, str] = {}
         for e in exc.errors():
             names = [str(p) for p in e["loc"]]
+            if names[:1] == ["retention"]:
+                names = [f"keep_{names[-1]}"]
             field = next((n for n in reversed(names) if n in FIELDS), "form")
             out.setdefault(field, str(e["msg"]))
         return None, out
@@ -175,6 +185,7 @@ def _edit_page(
     return page(
         request, "schedule.html", user, status, s=s, form=form, errors=errors,
         upcoming=upcoming, runs=svc.history(db, s.id or 0, 20), **_choices(db),
+        captures=backup_captures(db, s),
     )  # fmt: skip
 
 
