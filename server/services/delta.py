@@ -16,12 +16,21 @@ them through its one ``_set_machine_state``; services/catchup.py runs the lifecy
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlmodel import Session as DbSession
 from sqlmodel import col, select
 
-from server.models import AgentProgress, AgentResult, Image, Machine, Session, SessionMachine
+from server.models import (
+    AgentProgress,
+    AgentResult,
+    Image,
+    Machine,
+    Session,
+    SessionMachine,
+    SessionMachinePublic,
+)
 
 MULTICAST = "multicast"
 CATCHUP = "catchup"
@@ -156,12 +165,13 @@ def progress_fields(report: AgentProgress) -> dict[str, Any]:
     }
 
 
-def spared(rows: list[SessionMachine]) -> dict[str, int]:
-    """A session's totals: raw bytes/blocks spared (already held), machines finished by
-    catch-up, and stored bytes fetched by catch-up."""
+def spared(rows: Sequence[SessionMachine | SessionMachinePublic]) -> dict[str, int]:
+    """A session's totals: raw bytes/blocks spared (already held), of the data bytes its
+    machines had to hold, machines finished by catch-up, and stored bytes fetched by it."""
     return {
         "held_bytes": sum(r.held_bytes for r in rows),
         "held_blocks": sum(r.held_blocks for r in rows),
+        "data_bytes": sum(r.bytes_total for r in rows),
         "by_catchup": sum(1 for r in rows if r.state == "succeeded" and r.via == CATCHUP),
         "catching_up": sum(1 for r in rows if r.state == CATCHUP),
         "catchup_bytes": sum(r.catchup_bytes for r in rows),

@@ -23,6 +23,7 @@ from server.api.deps import (
     WebDep,
 )
 from server.models import Schedule, Session, SessionCreate, SessionMachine
+from server.services import delta as delta_svc
 from server.services import images as images_svc
 from server.services import machines as machines_svc
 from server.services import sessions as svc
@@ -33,8 +34,15 @@ router = APIRouter(prefix=WEB_PREFIX, include_in_schema=False)
 #: Machine states that count as a failure in the overview.
 FAILED = ("failed", "evicted", "no-show")
 RATE_RANGE = "the rate must be between 0.001 and 12500 MB/s (or empty: automatic)"
-#: The grid's columns, in the order state.json sends each machine's row.
-COLUMNS = ("id", "name", "mac", "state", "reason", "done", "total", "rate", "loss", "naks")
+#: The grid's columns, in the order state.json sends each machine's row (issue 9 added the
+#: last four: the agent's phase, raw bytes its disk held (spared), stored bytes it fetched
+#: by catch-up, and how its result came).
+COLUMNS = (
+    "id", "name", "mac", "state", "reason", "done", "total", "rate", "loss", "naks",
+    "phase", "held", "catchup", "via",
+)  # fmt: skip
+#: The new-session form's delta choices (SessionCreate.delta).
+DELTA_CHOICES = ("auto", "always", "never")
 
 
 def spread(rows: list[SessionMachine]) -> dict[str, float]:
@@ -59,6 +67,7 @@ def _summary(db: Any, s: Session) -> dict[str, Any]:
         "targets": len(rows),
         "spread": spread(rows),
         "median_rate": statistics.median(active) if active else 0.0,
+        "spared": delta_svc.spared(rows),
     }
 
 
@@ -123,6 +132,10 @@ def session_state(session_id: Id, _user: WebDep, db: DbDep, manager: ManagerDep)
             m.rate_bps,
             m.loss,
             m.naks,
+            m.phase,
+            m.held_bytes,
+            m.catchup_bytes,
+            m.via,
         ]
         for m in d.machines
     ]
@@ -134,6 +147,7 @@ def session_state(session_id: Id, _user: WebDep, db: DbDep, manager: ManagerDep)
         "counts": d.counts,
         "columns": COLUMNS,
         "machines": rows,
+        "spared": delta_svc.spared(d.machines),
         "history": history or {"start": None, "step": 1.0, "points": []},
     }
     return Response(json.dumps(body, default=str), media_type="application/json")
@@ -261,6 +275,8 @@ def parse_session_form(form: dict[str, str]) -> tuple[SessionCreate | None, dict
     group = number("group_id", int)
     rate = number("rate_mbytes", float)
     policy: dict[str, Any] = {"start": form.get("start") or "now"}
+    if form.get("delta", "auto") not in DELTA_CHOICES:
+        errors["delta"] = "choose auto, always or never"
     if (n := number("min_receivers", int)) is not None:
         policy["min_receivers"] = n
     if (w := number("max_wait", float)) is not None:
@@ -286,6 +302,7 @@ def parse_session_form(form: dict[str, str]) -> tuple[SessionCreate | None, dict
         "machine_ids": ids,
         "start_policy": policy,
         "rate_bps": int(rate * 8e6) if rate is not None else None,
+        "delta": form.get("delta") or "auto",
     }
     try:
         return SessionCreate.model_validate(body), {}
@@ -339,6 +356,7 @@ def create_session(
     max_wait: Annotated[str, Form(max_length=32)] = "",
     quiet_period: Annotated[str, Form(max_length=32)] = "",
     rate_mbytes: Annotated[str, Form(max_length=32)] = "",
+    delta: Annotated[str, Form(max_length=16)] = "auto",
     csrf: Csrf = "",
 ) -> Response:
     """Validate, create, start now unless the policy is manual; errors next to the fields."""
@@ -352,6 +370,7 @@ def create_session(
         "max_wait": max_wait,
         "quiet_period": quiet_period,
         "rate_mbytes": rate_mbytes,
+        "delta": delta,
     }
     body, errors = parse_session_form(form)
     if body is not None:

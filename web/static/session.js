@@ -21,7 +21,7 @@
 
   function pct(r) { return r.state === "succeeded" ? 100 : (r.total ? 100 * r.done / r.total : 0); }
   function eta(r) {
-    if (r.state !== "receiving" || !r.rate || !r.total) return Infinity;
+    if ((r.state !== "receiving" && r.state !== "catchup") || !r.rate || !r.total) return Infinity;
     return (r.total - r.done) * 8 / r.rate;
   }
   function fmtEta(s) {
@@ -29,6 +29,25 @@
     s = Math.round(s);
     return s >= 3600 ? `${Math.floor(s / 3600)}h${String(Math.floor(s / 60) % 60).padStart(2, "0")}`
          : s >= 60 ? `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}` : `${s}s`;
+  }
+  // Issue 9: what the agent does now, and how much of the image its disk already held.
+  const PHASES = {hashing: "hashing", multicast: "multicast", catchup: "catch-up", verifying: "verifying"};
+  function phaseText(r) {
+    if (r.state === "succeeded") return r.via === "catchup" ? "done by catch-up" : "done";
+    if (ENDED.includes(r.state)) return "–";
+    if (r.state === "catchup" && !r.phase) return "catch-up";
+    return PHASES[r.phase] || "–";
+  }
+  function fmtBytes(n) {
+    const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let i = 0;
+    while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+    return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+  }
+  function sparedText(r) {
+    if (!r.held) return "–";
+    const share = r.total ? ` ${Math.round(100 * r.held / r.total)}% ·` : "";
+    return `spared${share} ${fmtBytes(r.held)}`;
   }
   function median(xs) {
     if (!xs.length) return 0;
@@ -39,15 +58,15 @@
   function makeRow(r) {
     const tr = document.createElement("tr");
     tr.dataset.id = r.id;
-    for (let i = 0; i < 8; i++) tr.appendChild(document.createElement("td"));
+    for (let i = 0; i < 10; i++) tr.appendChild(document.createElement("td"));
     tr.cells[0].textContent = r.name || `machine ${r.id}`;
     const mac = document.createElement("span");
     mac.className = "mac";
     mac.textContent = r.mac;
     tr.cells[0].appendChild(mac);
     tr.cells[0].title = `machine ${r.id}`;
-    for (const i of [2, 3, 4, 5, 6]) tr.cells[i].className = "num";
-    tr.cells[7].className = "reason";
+    for (const i of [2, 3, 4, 5, 6, 8]) tr.cells[i].className = "num";
+    tr.cells[9].className = "reason";
     r.tr = tr;
     tbody.appendChild(tr);
     return r;
@@ -97,7 +116,10 @@
     if (!r) { scheduleReload(); return; }
     r.done = m.bytes_done; r.total = m.bytes_total; r.rate = m.rate_bps;
     r.loss = m.loss; r.naks = m.naks;
-    if (r.state !== "receiving" && !ENDED.includes(r.state)) { r.state = "receiving"; needFilter = true; }
+    if (m.phase) { r.phase = m.phase; r.held = m.held_bytes || 0; }
+    const next = m.phase === "catchup" || (r.state === "catchup" && m.phase !== "multicast")
+      ? "catchup" : "receiving";
+    if (r.state !== next && !ENDED.includes(r.state)) { r.state = next; needFilter = true; }
     dirty.add(r);
     if (sortKey !== "name" && sortKey !== "state") needSort = true;
   }
@@ -174,7 +196,10 @@
       c[4].textContent = fmtEta(eta(r));
       c[5].textContent = `${(100 * (r.loss || 0)).toFixed(1)}%`;
       c[6].textContent = r.naks || 0;
-      c[7].textContent = r.reason || "";
+      c[7].textContent = phaseText(r);
+      c[7].className = `ph-${r.phase || "none"}`;
+      c[8].textContent = sparedText(r);
+      c[9].textContent = r.reason || "";
     }
     dirty.clear();
     // A laggard: receiving, and well behind the median machine in progress or speed.
@@ -191,6 +216,7 @@
       document.getElementById("t-median").textContent = `${md.toFixed(1)}%`;
       document.getElementById("t-fastest").textContent = `${hi.toFixed(1)}%`;
     }
+    sessionTotals(all);
     if (needFilter) applyFilter(all);
     if (needSort) {
       all.sort((a, b) => {
@@ -202,6 +228,21 @@
       tbody.appendChild(frag);
       needSort = false;
     }
+  }
+
+  // The session's totals: bytes the disks already held (not sent), machines done by catch-up.
+  function sessionTotals(all) {
+    let held = 0, total = 0, byCatchup = 0, catching = 0;
+    for (const r of all) {
+      held += r.held || 0; total += r.total || 0;
+      if (r.state === "succeeded" && r.via === "catchup") byCatchup++;
+      if (r.state === "catchup") catching++;
+    }
+    const parts = [];
+    if (held) parts.push(`spared ${fmtBytes(held)} (${Math.round(100 * held / Math.max(1, total))}%)`);
+    if (byCatchup) parts.push(`${byCatchup} by catch-up`);
+    if (catching) parts.push(`${catching} catching up`);
+    document.getElementById("t-spared").textContent = parts.join(" · ");
   }
 
   function applyFilter(all) {
@@ -244,7 +285,8 @@
   for (const kind of ["session.running", "session.transfer-started", "session.succeeded", "session.partial", "session.failed",
                       "session.cancelled", "machine.assigned", "machine.receiving",
                       "machine.succeeded", "machine.failed", "machine.evicted", "machine.cancelled",
-                      "machine.no-show"]) {
+                      "machine.no-show", "machine.catchup", "machine.spared",
+                      "session.transfer-ended"]) {
     events.addEventListener(kind, scheduleReload);
   }
   window.fleetcastGrid = {rows, render, chart, perf};   // for the browser tests
