@@ -24,6 +24,7 @@ from server.config import Settings
 from server.events import EventBus
 from server.images.store import ImageStore
 from server.models import (
+    SESSION_ACTIVE,
     Group,
     Image,
     Machine,
@@ -246,6 +247,17 @@ def run_sessions(db: DbSession, run_id: int) -> list[Session]:
         .join(Capture, col(Capture.session_id) == Session.id)
         .where(Capture.schedule_run_id == run_id)
         .order_by(col(Session.id))
+    )
+    return list(db.exec(q))
+
+
+def open_backup_captures(db: DbSession) -> list[tuple[Session, Capture]]:
+    """Backup capture sessions still pending or running, with their Capture rows."""
+    q = (
+        select(Session, Capture)
+        .join(Capture, col(Capture.session_id) == Session.id)
+        .where(col(Capture.schedule_run_id).is_not(None))
+        .where(col(Session.state).in_(SESSION_ACTIVE))
     )
     return list(db.exec(q))
 

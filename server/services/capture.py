@@ -302,11 +302,7 @@ def accept_manifest(
             raise Conflict(f"an image named {name!r} was added meanwhile; capture again") from None
     except StoreError as exc:
         raise Refused(f"manifest refused: {exc}") from None
-    image = image_row(name, manifest, digest)
-    image.family = image_family(name)
-    image.source = {**image.source, "captured_from": machine_id, "session_id": session_id}
-    db.add(image)
-    db.flush()
+    image = _register(db, name, manifest, digest, machine_id, session_id)
     _count(cap, manifest, image)
     s.image_id = image.id
     row.bytes_done = row.bytes_total = max(row.bytes_total, manifest.data_bytes())
@@ -322,6 +318,22 @@ def accept_manifest(
         f"{cap.uploaded_blocks} blocks uploaded, {cap.reused_blocks} reused)",
     )
     return CaptureAccepted(image_id=image.id or 0, name=name, digest=digest.hex())
+
+
+def _register(
+    db: DbSession, name: str, manifest: Manifest, digest: bytes, machine_id: int, session_id: int
+) -> Image:
+    """The Image row of the accepted manifest (the one the startup's store sync registered
+    already, if the server died between adding the image and committing)."""
+    image = db.exec(select(Image).where(Image.name == name)).first()
+    if image is not None and image.digest != digest.hex():
+        raise Conflict(f"an image named {name!r} was registered meanwhile; capture again")
+    image = image or image_row(name, manifest, digest)
+    image.family = image_family(name)
+    image.source = {**image.source, "captured_from": machine_id, "session_id": session_id}
+    db.add(image)
+    db.flush()
+    return image
 
 
 def _accepted_before(

@@ -219,9 +219,34 @@ class Scheduler:
             capture.release_ended_pins(db, self.store)
             return self.tick(db, self.clock())
 
+    def close_backups(self, db: DbSession, now: datetime) -> int:
+        """At a backup run's window end, cancel its captures whose machine never started
+        (and, with ``on_window_end`` "cancel", those still uploading); returns how many."""
+        ended = 0
+        for session, cap in backups.open_backup_captures(db):
+            run = db.get(ScheduleRun, cap.schedule_run_id)
+            s = db.get(Schedule, cap.schedule_id) if cap.schedule_id is not None else None
+            if run is None or s is None:
+                continue
+            spec = ScheduleBase.model_validate(s, from_attributes=True)
+            end = window_end(spec, _aware(run.due_at))
+            if end is None or now < end:
+                continue
+            rows = svc.session_machines(db, session.id or 0)
+            started = any(r.state == "receiving" for r in rows)
+            if started and s.on_window_end != "cancel":
+                continue
+            why = "the maintenance window ended" + ("" if started else " before it started")
+            svc.cancel(db, self.bus, session, f"schedule:{s.id}", why)
+            ended += 1
+        if ended:
+            capture.release_ended_pins(db, self.store)
+        return ended
+
     def tick(self, db: DbSession, now: datetime) -> list[int]:
         """Handle every schedule due at ``now``; returns the sessions to launch."""
         started: list[int] = []
+        self.close_backups(db, now)
         q = select(Schedule).where(Schedule.enabled).where(col(Schedule.next_run_at).is_not(None))
         for s in db.exec(q):
             sid = self._step(db, s, now)

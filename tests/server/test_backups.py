@@ -205,3 +205,28 @@ def test_a_backup_run_reports_what_each_capture_uploaded(api: Api, engine: Engin
     assert (first["uploaded_blocks"], first["reused_blocks"]) == (6, 0)
     assert (second["uploaded_blocks"], second["reused_blocks"]) == (1, 5)
     assert second["uploaded_bytes"] < first["uploaded_bytes"] / 3
+
+
+def test_at_the_window_end_a_backup_that_never_started_is_cancelled(
+    api: Api, engine: Engine
+) -> None:
+    up = enrolled(api, "52:54:00:ba:00:08", "up")
+    down = enrolled(api, "52:54:00:ba:00:09", "down")
+    _schedule(api, machine_ids=[up.machine_id, down.machine_id], once_at="2026-11-30T02:00",
+              window_end="04:00", on_window_end="run-on")  # fmt: skip
+    scheduler = Scheduler(engine, api.settings, None, lambda _sid: None, wake=Woken())
+    with db_session(engine) as db:
+        scheduler.tick(db, MONDAY)
+    job = up.assignment()
+    up.session_id = job["session_id"]
+    body = {"session_id": up.session_id, "phase": "reading",
+            "samples": [{"bytes_done": 1, "bytes_total": 10}]}  # fmt: skip
+    r = api.client.post("/api/agent/progress", headers=up.headers, json=body)
+    assert r.status_code == 200 and r.json()["cancel"] is False
+    with db_session(engine) as db:
+        assert scheduler.close_backups(db, MONDAY + timedelta(hours=1)) == 0
+        assert scheduler.close_backups(db, MONDAY + 2 * DAY / 24) == 1  # 04:00
+    caps = {c["machine_id"]: c for c in api.get("/api/captures").json()}
+    assert caps[down.machine_id]["session_state"] == "cancelled"
+    assert "before it started" in caps[down.machine_id]["reason"]
+    assert caps[up.machine_id]["session_state"] == "running"  # run-on: it may finish

@@ -254,3 +254,27 @@ def test_restore_deploys_a_backup_to_that_machine_alone_at_once(api: Api) -> Non
         api.post(f"/api/machines/{agent.machine_id}/restore", json={"image_id": 999}).status_code
         == 404
     )
+
+
+def test_a_manifest_resent_after_a_server_crash_mid_accept_completes_the_capture(
+    api: Api,
+) -> None:
+    from server.db import db_session, make_engine
+    from server.services.images import sync_store
+
+    agent = enrolled(api, "52:54:00:c0:00:0f")
+    start_capture(api, agent, "crashed")
+    img = image_of(disk(9))
+    agent.upload(img)
+    store = ImageStore(api.settings.image_root)
+    store.add_image("crashed", img.manifest)  # the server died before its commit ...
+    engine = make_engine(api.settings.db_url)
+    try:
+        with db_session(engine) as db:
+            assert sync_store(db, store) == 1  # ... and its restart registered the image
+    finally:
+        engine.dispose()
+    r = agent.manifest(img.data)  # the agent resends its manifest
+    assert r.status_code == 200, r.text
+    assert api.get(f"/api/sessions/{agent.session_id}").json()["state"] == "succeeded"
+    assert _names(api).count("crashed") == 1
