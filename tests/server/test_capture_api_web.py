@@ -77,6 +77,8 @@ def test_a_capture_sessions_page_and_the_overview_show_it(api: Api) -> None:
     _login(api)
     agent = enrolled(api, "52:54:00:d0:00:03", "ov")
     start_capture(api, agent, "ov/one")
-    assert "ov/one" in api.client.get(UI).text
+    assert "capture → ov/one" in api.client.get(UI).text
+    page = api.client.get(f"{UI}/sessions/{agent.session_id}").text
+    assert "Capture into image <b>ov/one</b>" in page
     state = api.client.get(f"{UI}/sessions/{agent.session_id}/state.json")
     assert state.status_code == 200
