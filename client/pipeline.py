@@ -28,6 +28,10 @@ DEFAULT_WORKERS = 2
 #: Stored payload bytes queued or in work; with decode buffers this bounds RSS well
 #: under the receiver's 100 MiB budget whatever the image size.
 DEFAULT_MAX_PENDING = 16 << 20
+#: Blocks queued or in work: reading pauses at this many too. Below the session's
+#: EngineConfig.max_unverified_blocks (64), which drops further blocks as lost: small
+#: (well-compressed) blocks reach that count long before max_pending bytes.
+DEFAULT_MAX_BLOCKS = 48
 #: Zero ranges are handed to the target in runs of at most this many bytes.
 ZERO_RUN_MAX = 256 << 20
 
@@ -46,6 +50,7 @@ class BlockPipeline:
         on_space: Callable[[], None] = lambda: None,
         workers: int = DEFAULT_WORKERS,
         max_pending: int = DEFAULT_MAX_PENDING,
+        max_blocks: int = DEFAULT_MAX_BLOCKS,
     ) -> None:
         self.target = target
         self.manifest = manifest
@@ -54,7 +59,9 @@ class BlockPipeline:
         self._on_disk_error = on_disk_error
         self._on_space = on_space
         self._max_pending = max_pending
+        self._max_blocks = max_blocks
         self._pending_bytes = 0
+        self._pending_blocks = 0
         self._jobs: set[asyncio.Future[Any]] = set()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="fleetcast-write"
@@ -66,7 +73,7 @@ class BlockPipeline:
     @property
     def full(self) -> bool:
         """True when no more payloads should be read until ``on_space`` fires."""
-        return self._pending_bytes >= self._max_pending
+        return self._pending_bytes >= self._max_pending or self._pending_blocks >= self._max_blocks
 
     @property
     def idle(self) -> bool:
@@ -79,6 +86,7 @@ class BlockPipeline:
             return
         size = len(payload)
         self._pending_bytes += size
+        self._pending_blocks += 1
         fut = self._loop.run_in_executor(self._pool, self._work, index, payload)
         self._track(fut, lambda f: self._block_done(index, size, f))
 
@@ -129,6 +137,7 @@ class BlockPipeline:
     def _block_done(self, index: int, size: int, fut: asyncio.Future[Any]) -> None:
         was_full = self.full
         self._pending_bytes -= size
+        self._pending_blocks -= 1
         if self._check_disk(fut):
             error = fut.result()
             assert error is None or isinstance(error, str)

@@ -116,7 +116,7 @@ class BlockReceived:
     """
 
     index: int
-    payload: bytes
+    payload: bytes | bytearray  #: the shell's alone: the session keeps no reference to it
 
 
 @dataclass(frozen=True)

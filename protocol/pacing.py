@@ -81,7 +81,8 @@ class Pacer:
         Like TCP: grow multiplicatively (``rate_increase`` per ``rate_interval``) until the
         first loss above the threshold, then additively (a tenth of that); on loss, cut to
         a little below the rate the receivers actually received at. Like LEDBAT: stop
-        growing while receivers read more than ``max_lag`` behind, back off beyond twice.
+        growing while receivers read more than ``max_lag`` behind; beyond twice, cut to a
+        little below the rate they read at (a CPU limit: growth stays multiplicative).
         """
         cfg = self._config
         if not cfg.auto_rate or self.rate_bps is None or not reports:
@@ -113,7 +114,9 @@ class Pacer:
                     cut = min(cut, max(read_bps * 0.9, self.rate_bps * 0.1))
                 self._set_rate(now, int(cut))
                 self.decreases += 1
-                self._slow_start = False
+                # Not the network's limit but their CPU's, which varies with what else
+                # runs: keep growing multiplicatively once they caught up (their socket
+                # buffers absorb the overshoot), so no receiver idles on a low rate.
                 self._decrease_holdoff = now + 2 * cfg.status_interval
             return
         if self._slow_start:

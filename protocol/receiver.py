@@ -127,7 +127,7 @@ class ReceiverSession:
         # object bookkeeping (set up on JOIN_ACK / manifest)
         self.manifest: Manifest | None = None
         self._objs = Reassembly(config)
-        self._early: dict[int, bytes] = {}
+        self._early: dict[int, bytes | bytearray] = {}
         self._data_total = 0
         self._verified = 0
         self._bytes_done = 0
@@ -561,10 +561,11 @@ class ReceiverSession:
         self._handed[obj] = p.size
         self._handed_bytes += p.size
         self._counts["blocks_received"] += 1
+        # p.buf is ours alone now (the partial is gone): hand it over without a copy.
         if self.manifest is None:
-            self._early[obj] = bytes(p.buf)
+            self._early[obj] = p.buf
         else:
-            self._events.append(BlockReceived(obj, bytes(p.buf)))
+            self._events.append(BlockReceived(obj, p.buf))
 
     # -- manifest -------------------------------------------------------------------------
 

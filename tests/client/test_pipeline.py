@@ -119,3 +119,28 @@ def test_zero_runs_coalesce_adjacent_blocks_and_clip_the_tail() -> None:
     for i in (1, 2, 4):
         m.set_kind(i, BlockKind.ZERO)
     assert list(zero_runs(m)) == [(BS, 2 * BS), (4 * BS, 10)]
+
+
+async def test_many_small_blocks_pause_the_reader_by_count_not_only_by_bytes(
+    tmp_path: Path,
+) -> None:
+    # Well-compressed blocks are small: the session's unverified-block limit (a count)
+    # would drop blocks long before the byte bound fills, so the pipeline counts too.
+    m, _, payloads = _image()
+    fulls: list[bool] = []
+    results: dict[int, str | None] = {}
+    pipe = BlockPipeline(
+        Target.open(tmp_path / "t.img", m.image_size),
+        m,
+        loop=asyncio.get_running_loop(),
+        on_result=results.__setitem__,
+        on_disk_error=pytest.fail,
+        max_blocks=2,
+    )
+    for index, payload in payloads.items():
+        pipe.submit(index, payload)
+        fulls.append(pipe.full)
+    assert fulls == [False, True, True]
+    await pipe.finish()
+    pipe.close()
+    assert not pipe.full and results == {0: None, 2: None, 5: None}

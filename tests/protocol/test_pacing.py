@@ -138,3 +138,16 @@ def test_a_lag_report_without_a_read_rate_still_slows_by_a_step() -> None:
     p = Pacer(EngineConfig(auto_rate=True, initial_rate_bps=400_000_000), 0.0)
     p.adjust(0.3, [(0.0, 0, 0.5)])
     assert p.rate_bps == 340_000_000
+
+
+def test_after_a_lag_cut_the_rate_grows_back_fast_but_after_a_loss_cut_slowly() -> None:
+    config = EngineConfig(auto_rate=True, initial_rate_bps=1_000_000_000)
+    lagged, lossy = Pacer(config, 0.0), Pacer(config, 0.0)
+    lagged.adjust(0.3, [(0.0, 300_000_000, 0.5)])
+    lossy.adjust(0.3, [(0.5, 300_000_000, 0.0)])
+    assert lagged.rate_bps == lossy.rate_bps == 270_000_000
+    for i in range(1, 6):
+        lagged.adjust(0.3 + i * 0.1, [(0.0, 270_000_000, 0.0)])
+        lossy.adjust(0.3 + i * 0.1, [(0.0, 270_000_000, 0.0)])
+    assert lagged.rate_bps is not None and lossy.rate_bps is not None
+    assert lagged.rate_bps > 2 * 270_000_000 > lossy.rate_bps
