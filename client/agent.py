@@ -239,6 +239,17 @@ def _fraction(value: object) -> float:
         return 0.0
 
 
+#: Counters the result carries (issue 9 adds held_* and catchup_*).
+_RESULT_STATS = (
+    "verified_bytes",
+    "peak_rss_mib",
+    "held_blocks",
+    "held_bytes",
+    "catchup_blocks",
+    "catchup_bytes",
+)
+
+
 # -- the agent --------------------------------------------------------------------------------
 
 
@@ -251,6 +262,8 @@ class Agent:
         self.api: ServerApi | None = None
         self.machine_id = 0
         self.progress_interval = 1.0
+        #: issue 9: phase, held_blocks, held_bytes sent with each progress report
+        self.phase_fields: dict[str, Any] = {}
 
     def register(self) -> int:
         """Enroll; returns this machine's id. Raises AgentError."""
@@ -306,15 +319,9 @@ class Agent:
             iface,
         )
         reporter = ProgressReporter()
-        receiver = Receiver(
-            key=bytes.fromhex(str(job["key"])),
-            group=str(job["group"]),
-            port=int(job["port"]),
-            iface=iface,
-            target=self.options.target,
-            progress=reporter,
-        )
-        outcome = await self._receive(session_id, receiver, reporter)
+        from client.resume import deploy  # issue 9: delta, resume, catch-up
+
+        outcome, receiver = await deploy(self, job, manifest_bytes, iface, reporter)
         verdict = await asyncio.to_thread(self._report, session_id, receiver, outcome, expected)
         # what the session says the machine does next (client/boot.py acts on it under PXE)
         verdict["after"] = str(job.get("after") or "")
@@ -362,6 +369,7 @@ class Agent:
             "session_id": session_id,
             "receiver_id": stats.get("receiver_id"),
             "samples": [reporter.sample(stats)],
+            **self.phase_fields,
         }
         try:
             status, reply = self.api.call("POST", "/api/agent/progress", body)
@@ -371,7 +379,7 @@ class Agent:
         return dict(reply) if status == 200 and isinstance(reply, dict) else {}
 
     def _report(
-        self, session_id: int, receiver: Receiver, outcome: Outcome, expected: str
+        self, session_id: int, receiver: Receiver | None, outcome: Outcome, expected: str
     ) -> dict[str, Any]:
         assert self.api is not None
         result, reason = outcome.result, outcome.reason
@@ -386,7 +394,8 @@ class Agent:
             "bytes_done": int(stats.get("verified_bytes", 0)),
             "blocks_done": int(stats.get("verified_blocks", 0)),
             "manifest_digest": digest,
-            "stats": {k: stats[k] for k in ("verified_bytes", "peak_rss_mib") if k in stats},
+            "stats": {k: stats[k] for k in _RESULT_STATS if k in stats},
+            "via": str(stats.get("via", "multicast")),
         }
         status, reply = self.api.call("POST", "/api/agent/result", body)
         log.info(
