@@ -33,6 +33,8 @@ class ServerLab:
     work: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     api: httpx.Client | None = None
+    #: extra server settings (FLEETCAST_* variables), set before ``start()``
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def env(self) -> dict[str, str]:
@@ -45,6 +47,7 @@ class ServerLab:
             "FLEETCAST_MULTICAST_IFACE": "lab0",
             "FLEETCAST_RESULT_GRACE": "10",
             "FLEETCAST_PROGRESS_INTERVAL": "0.5",
+            **self.settings,
         }
 
     @property
