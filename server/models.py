@@ -436,7 +436,7 @@ class SessionMachine(SQLModel, table=True):
     #: data blocks/raw bytes already on the disk, verified, not transferred ("spared")
     held_blocks: int = 0
     held_bytes: int = Field(default=0, sa_type=BigInteger)
-    #: data blocks/stored bytes fetched over HTTP by catch-up
+    #: data blocks/raw bytes fetched over HTTP by catch-up (the agent's result stats)
     catchup_blocks: int = 0
     catchup_bytes: int = Field(default=0, sa_type=BigInteger)
     #: how its result came: "multicast" | "catchup" ("" before a result)

@@ -167,7 +167,7 @@ def progress_fields(report: AgentProgress) -> dict[str, Any]:
 
 def spared(rows: Sequence[SessionMachine | SessionMachinePublic]) -> dict[str, int]:
     """A session's totals: raw bytes/blocks spared (already held), of the data bytes its
-    machines had to hold, machines finished by catch-up, and stored bytes fetched by it."""
+    machines had to hold, machines finished by catch-up, and raw bytes fetched by it."""
     return {
         "held_bytes": sum(r.held_bytes for r in rows),
         "held_blocks": sum(r.held_blocks for r in rows),

@@ -35,7 +35,7 @@ router = APIRouter(prefix=WEB_PREFIX, include_in_schema=False)
 FAILED = ("failed", "evicted", "no-show")
 RATE_RANGE = "the rate must be between 0.001 and 12500 MB/s (or empty: automatic)"
 #: The grid's columns, in the order state.json sends each machine's row (issue 9 added the
-#: last four: the agent's phase, raw bytes its disk held (spared), stored bytes it fetched
+#: last four: the agent's phase, raw bytes its disk held (spared), raw bytes it fetched
 #: by catch-up, and how its result came).
 COLUMNS = (
     "id", "name", "mac", "state", "reason", "done", "total", "rate", "loss", "naks",
