@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     catchup: bool = True
     #: A catching-up machine without progress for this long (seconds) fails.
     catchup_timeout: float = Field(default=900.0, ge=1.0, le=86_400.0)
+    #: The sender evicts a machine still incomplete this long (seconds) after every other
+    #: one completed (the engine's straggler_grace); with catch-up it finishes over HTTP.
+    straggler_grace: float = Field(default=30.0, ge=0.0, le=86_400.0)
     #: Queue length of each live event stream subscriber (slow ones lose the oldest).
     event_queue_size: int = Field(default=256, ge=8, le=100_000)
     #: Apply pending schema migrations when the server starts.

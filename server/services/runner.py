@@ -203,7 +203,11 @@ class SessionManager:
             ttl=self.settings.multicast_ttl,
             session_id=s.wire_session_id,
         )
-        config = EngineConfig(rate_bps=s.rate_bps, auto_rate=s.rate_bps is None)
+        config = EngineConfig(
+            rate_bps=s.rate_bps,
+            auto_rate=s.rate_bps is None,
+            straggler_grace=self.settings.straggler_grace,
+        )
         runner = SessionRunner(
             s.image_name, manifest_bytes, manifest, self.store.read_block, options, config=config
         )
