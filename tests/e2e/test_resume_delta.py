@@ -8,6 +8,7 @@ and is sent only the rest; disks holding version 1 of an image get only the bloc
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 from fleethelp import MIB, BuiltImage, Fleet, build_image, file_sha256
+from serverlab import ServerLab
 
 from bench.lab import wait_until
 from protocol.manifest import BlockKind, Manifest
@@ -140,3 +142,71 @@ def _sender_session(path: Path) -> dict[str, Any]:
         time.sleep(0.05)
     data: dict[str, Any] = json.loads(path.read_text())["session"]
     return data
+
+
+# -- through the server: agents, eviction and catch-up ---------------------------------------
+
+
+def _session(api: Any, image: str, machine_ids: list[int], **extra: Any) -> int:
+    r = api.post(
+        "/api/sessions",
+        json={
+            "image": image,
+            "machine_ids": machine_ids,
+            "start_policy": {"max_wait": 60},
+            **extra,
+        },
+    )
+    assert r.status_code == 201, r.text
+    sid: int = r.json()["id"]
+    return sid
+
+
+def _row(api: Any, sid: int, machine_id: int) -> dict[str, Any]:
+    d = api.get(f"/api/sessions/{sid}").json()
+    row: dict[str, Any] = next(m for m in d["machines"] if m["machine_id"] == machine_id)
+    return {**row, "session_state": d["state"]}
+
+
+@pytest.mark.slow
+def test_an_agent_evicted_from_the_transfer_completes_by_catch_up(
+    server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
+) -> None:
+    sl = server_lab
+    api = sl.start()
+    victim, other = sl.lab.receivers
+    targets = {n.name: tmp_path / f"{n.name}.img" for n in (victim, other)}
+    procs = {n.name: sl.agent(n, targets[n.name]) for n in (victim, other)}
+    ids = {m["address"]: m["id"] for m in sl.wait_for_machines(2)}
+    vid = ids[victim.address]
+    # ~3 MiB stored at 2 Mbit/s: ~12 s, longer than the engine's 5 s silence limit
+    sid = _session(api, small_image.name, list(ids.values()), rate_bps=2_000_000)
+    sl.wait_for(
+        "the victim to be receiving",
+        lambda: _row(api, sid, vid)["bytes_done"] > 0,
+        60,
+    )
+    # its machine stalls (a disk or CPU stall freezes the agent): the sender hears nothing
+    # for 5 s and evicts it; the server moves it to catch-up
+    os.kill(procs[victim.name].pid, signal.SIGSTOP)
+    try:
+        sl.wait_for(
+            "the victim to be evicted", lambda: _row(api, sid, vid)["state"] == "catchup", 30
+        )
+    finally:
+        os.kill(procs[victim.name].pid, signal.SIGCONT)
+    final = sl.wait_for(
+        "the session to end",
+        lambda: (r := _row(api, sid, vid))["session_state"] not in ("pending", "running") and r,
+        120,
+    )
+    assert sl.lab.wait(procs[victim.name], 30) == 0, sl.log(victim.name)
+    assert sl.lab.wait(procs[other.name], 30) == 0, sl.log(other.name)
+    assert final["state"] == "succeeded", final
+    assert final["via"] == "catchup", final
+    assert final["catchup_blocks"] > 0, final
+    assert final["session_state"] == "succeeded", final
+    assert file_sha256(targets[victim.name]) == small_image.sha256
+    assert file_sha256(targets[other.name]) == small_image.sha256
+    log = sl.log(victim.name)
+    assert "finishing by catch-up" in log and "catch-up fetched" in log, log
