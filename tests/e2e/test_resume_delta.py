@@ -210,3 +210,35 @@ def test_an_agent_evicted_from_the_transfer_completes_by_catch_up(
     assert file_sha256(targets[other.name]) == small_image.sha256
     log = sl.log(victim.name)
     assert "finishing by catch-up" in log and "catch-up fetched" in log, log
+
+
+@pytest.mark.slow
+def test_agents_re_imaging_v1_disks_with_v2_are_spared_the_blocks_they_hold(
+    make_lab: Callable[..., Any],
+    versions: tuple[BuiltImage, BuiltImage, set[int]],
+    tmp_path: Path,
+) -> None:
+    v1, v2, changed = versions
+    sl = ServerLab(make_lab(2), v2.data_dir, tmp_path)
+    try:
+        api = sl.start()
+        nodes = sl.lab.receivers
+        targets = {n.name: tmp_path / f"{n.name}.img" for n in nodes}
+        for t in targets.values():
+            shutil.copyfile(v1.disk, t)
+        procs = {n.name: sl.agent(n, targets[n.name]) for n in nodes}
+        ids = [m["id"] for m in sl.wait_for_machines(2)]
+        sid = _session(api, v2.name, ids, delta="always")
+        for n in nodes:
+            assert sl.lab.wait(procs[n.name], 90) == 0, sl.log(n.name)
+        m = v2.manifest
+        data_blocks = m.count(BlockKind.DATA)
+        for mid in ids:
+            row = _row(api, sid, mid)
+            assert row["state"] == "succeeded" and row["via"] == "multicast", row
+            assert row["held_blocks"] == data_blocks - len(changed), row
+            assert row["held_bytes"] == m.data_bytes() - len(changed) * MIB, row
+        for t in targets.values():
+            assert file_sha256(t) == v2.sha256
+    finally:
+        sl.close()
