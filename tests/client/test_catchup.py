@@ -7,6 +7,7 @@ a block, or refuse.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import json
@@ -22,8 +23,10 @@ from pathlib import Path
 
 import pytest
 
+from client.agent import Agent, AgentOptions, ProgressReporter, ServerApi
 from client.catchup import BlockFetcher, CatchupError, catch_up
 from client.disk import DiskError, Target
+from client.resume import deploy
 from protocol.codec import encode_block
 from protocol.manifest import BlockKind, Manifest
 
@@ -64,6 +67,7 @@ class Faults:
     corrupt: Counter[int] = field(default_factory=Counter)  #: index -> bad answers left
     status: dict[int, int] = field(default_factory=dict)  #: index -> status to answer
     requests: list[tuple[int, str]] = field(default_factory=list)
+    progress: list[dict[str, object]] = field(default_factory=list)
     connections: set[tuple[str, int]] = field(default_factory=set)
 
 
@@ -107,6 +111,12 @@ def _server(image: Image, faults: Faults) -> ThreadingHTTPServer:
                 self.close_connection = True
                 return
             self.wfile.write(body)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path == "/api/agent/progress":
+                faults.progress.append(body)
+            self._json(200, "ok")
 
         def _json(self, status: int, detail: str) -> None:
             body = json.dumps({"detail": detail}).encode()
@@ -279,3 +289,54 @@ def test_a_wrong_credential_is_a_clear_refusal(
     with pytest.raises(CatchupError, match="HTTP 401"):
         catch_up(fetcher, image.manifest, target, [0])
     target.close()
+
+
+# -- the agent's catch-up (client/resume.py) ---------------------------------------------
+
+
+def _agent(url: str, target: Path) -> Agent:
+    agent = Agent(AgentOptions(server=url, token="enroll", target=str(target)))
+    agent.api = ServerApi(url, TOKEN)
+    agent.progress_interval = 0.0
+    return agent
+
+
+def _job(image: Image, **extra: object) -> tuple[dict[str, object], bytes]:
+    raw = image.manifest.to_bytes()
+    return {"session_id": 7, "mode": "catchup", "manifest": base64.b64encode(raw), **extra}, raw
+
+
+async def test_a_late_machine_with_delta_fetches_only_what_its_disk_lacks(
+    tmp_path: Path, image: Image, served: tuple[str, Faults]
+) -> None:
+    url, faults = served
+    m = image.manifest
+    disk = bytearray(image.raw)
+    for i in (2, 7):
+        disk[i * BS + 5] ^= 0xFF
+    path = tmp_path / "disk"
+    path.write_bytes(disk)
+    job, raw = _job(image, delta=True)
+    outcome, receiver = await deploy(_agent(url, path), job, raw, "", ProgressReporter())
+    assert receiver is None
+    assert outcome.result == "verified", outcome.reason
+    assert path.read_bytes() == image.raw
+    assert sorted(i for i, _ in faults.requests) == [2, 7]
+    s = outcome.stats
+    assert s["via"] == "catchup" and s["catchup_blocks"] == 2
+    assert s["held_blocks"] == len(_data(m)) - 2
+    assert s["verified_bytes"] == m.data_bytes()
+    phases = [p["phase"] for p in faults.progress]
+    assert phases[0] == "hashing" and phases[-1] == "catchup"
+    assert faults.progress[-1]["held_blocks"] == len(_data(m)) - 2
+
+
+async def test_a_catch_up_that_cannot_finish_reports_a_failure(
+    tmp_path: Path, image: Image, served: tuple[str, Faults]
+) -> None:
+    url, faults = served
+    faults.corrupt[6] = 99
+    job, raw = _job(image)
+    outcome, _ = await deploy(_agent(url, tmp_path / "disk"), job, raw, "", ProgressReporter())
+    assert outcome.result == "failed"
+    assert "catch-up failed: block 6 from the server failed verification" in outcome.reason
