@@ -150,4 +150,3 @@ def test_nothing_is_a_blank_holding(image: tuple[Manifest, bytes]) -> None:
     h = DiskHolding.nothing(m)
     assert h.missing_data() == [i for i in range(m.block_count) if m.kinds[i] == BlockKind.DATA]
     assert h.summary()["held_blocks"] == 0
-
