@@ -237,6 +237,7 @@ class SessionTransport:
         paused; a GRO read is cut into its datagrams (every one ``seg`` long but the last)."""
         buffers = [self._buf]
         copy = self._copy
+        trains = getattr(session, "receive_datagrams", None)  # a whole GRO train per call
         budget = READ_BATCH
         while budget > 0:
             try:
@@ -262,11 +263,15 @@ class SessionTransport:
                 budget -= 1
                 session.receive_datagram(bytes(view[:n]) if copy else view[:n], addr, now)
             else:
-                for start in range(0, n, seg):
-                    stats.datagrams_in += 1
-                    budget -= 1
-                    part = view[start : min(start + seg, n)]
-                    session.receive_datagram(bytes(part) if copy else part, addr, now)
+                count = -(-n // seg)
+                stats.datagrams_in += count
+                budget -= count
+                if trains is not None and not copy:
+                    trains(view[:n], seg, addr, now)
+                else:
+                    for start in range(0, n, seg):
+                        part = view[start : min(start + seg, n)]
+                        session.receive_datagram(bytes(part) if copy else part, addr, now)
             if not self._reading:
                 break
 

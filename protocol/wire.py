@@ -14,7 +14,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from protocol import messages
 
@@ -158,19 +158,33 @@ class Header(NamedTuple):
 # -- authentication (§6.1) ----------------------------------------------------------------
 
 
-_MACS: dict[bytes, hmac.HMAC] = {}
+class Mac(Protocol):
+    """A keyed HMAC-SHA256 state: what ``_mac`` returns (hmac.HMAC or OpenSSL's own)."""
+
+    def copy(self) -> Mac: ...
+
+    def update(self, data: bytes | bytearray | memoryview, /) -> None: ...
+
+    def digest(self) -> bytes: ...
 
 
-def _mac(key: bytes) -> hmac.HMAC:
+_MACS: dict[bytes, Mac] = {}
+
+
+def _mac(key: bytes) -> Mac:
     """An HMAC-SHA256 keyed with ``key`` and nothing hashed yet, to copy per datagram.
 
-    Copying saves re-deriving the key pads for every datagram (~0.4 µs of ~2).
+    Copying saves re-deriving the key pads for every datagram (~0.4 µs of ~2). Where
+    hmac.HMAC wraps OpenSSL's HMAC object, that object is used directly: the same tag
+    without three Python-level calls per datagram (1.4 µs instead of 2.2 here).
     """
     mac = _MACS.get(key)
     if mac is None:
         if len(_MACS) >= 64:
             _MACS.clear()
-        mac = _MACS[key] = hmac.new(key, digestmod=hashlib.sha256)
+        proto = hmac.new(key, digestmod=hashlib.sha256)
+        fast = getattr(proto, "_hmac", None)
+        mac = _MACS[key] = fast if fast is not None else proto
     return mac
 
 
