@@ -97,8 +97,15 @@ class Scheduler:
 
     def add_repair(self, obj: int, mask: int, now: float, low: bool, seen: int) -> None:
         """Merge a NAK's fragment mask for ``obj``, minus what its sender has not yet seen
-        us repair (the repair is in its socket buffer or on the way) or we repaired just now.
+        us repair (the repair is in its socket buffer or on the way) or we repaired just now;
+        nothing when it has not yet read to the end of the object's last sweep (§4.2).
         """
+        swept = self._swept_seq.get(obj)
+        if swept is not None and unseen(swept, seen):
+            # It has not read to the end of the object's last sweep yet (a busy receiver's
+            # socket buffer, or reading paused): what it lacks is still on its way.
+            self._counts["naks_early"] += 1
+            return
         recent = self.recent_repairs.get(obj)
         if recent is not None and (
             recent[2] is None

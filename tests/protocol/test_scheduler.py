@@ -1,0 +1,52 @@
+"""The sender's send queue (PROTOCOL.md §4.2): what a NAK does to it."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from simnet import KEY, make_image
+
+from protocol.config import EngineConfig
+from protocol.scheduler import Scheduler
+
+
+def _swept_once() -> tuple[Scheduler, Counter[str], int]:
+    """A scheduler that swept block 0 once; returns it, its counters and the last seq."""
+    image = make_image(random.Random(51), blocks=3)
+    numbered = [0]
+
+    def next_seq(n: int) -> int:
+        numbered[0] += n
+        return numbered[0] - n
+
+    counts: Counter[str] = Counter()
+    sched = Scheduler(
+        key=KEY,
+        header=(1, 0, 2, 0),
+        manifest=image.manifest,
+        manifest_bytes=image.manifest_bytes,
+        read_block=image.stored.__getitem__,
+        config=EngineConfig(),
+        next_seq=next_seq,
+        counts=counts,
+    )
+    first = min(image.stored)
+    assert first == 0
+    sched._queue_object(first, range(sched.fragments(first)), 0)
+    sched._swept[first] = 0.0
+    while sched.pending:
+        sched.pop_transmit()
+    return sched, counts, numbered[0] - 1
+
+
+def test_a_nak_from_a_receiver_that_has_not_read_the_whole_sweep_is_ignored() -> None:
+    sched, counts, last = _swept_once()
+    sched.add_repair(0, 0b101, now=0.01, low=False, seen=last - 3)
+    assert sched.repairs == {} and counts["naks_early"] == 1
+
+
+def test_a_nak_after_the_receiver_read_past_the_sweep_queues_the_repair() -> None:
+    sched, counts, last = _swept_once()
+    sched.add_repair(0, 0b101, now=0.01, low=False, seen=last)
+    assert sched.repairs == {0: 0b101} and counts["naks_early"] == 0
