@@ -12,6 +12,10 @@ session is created ``pending`` (so the network-boot route boots its machines int
 client, server/services/boot.py) and the machines are sent magic packets; at the due time it
 starts. A run missed while the server was down starts late if it is at most ``grace`` seconds
 late (and its window has not ended), else it is recorded ``missed``.
+
+A schedule of action ``backup`` (issue 10) creates one pending capture session per machine
+instead (server/services/backups.py: named ``<machine>/<date>``, pruned by its retention once
+a backup succeeds); at its window end, captures that never started are cancelled.
 """
 
 from __future__ import annotations
