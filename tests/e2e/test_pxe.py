@@ -1,4 +1,4 @@
-"""Two QEMU machines network-boot, are imaged over multicast and boot the new system.
+"""QEMU machines network-boot, are imaged over multicast (or captured) and boot the new system.
 
 The whole chain, with nothing faked: QEMU's iPXE ROM asks DHCP (a site DHCP server plus
 fleetcast's proxy DHCP from ``fleetcast pxe dnsmasq-config``), chains the server's
@@ -7,6 +7,11 @@ their (empty) disks, fail to boot, and retry. A session is then created for them
 network boot starts the client boot image (deploy/bootimage/build), which enrolls, writes the
 multicast image to the virtio disk and reboots; the server now sends them to their disks,
 which boot a tiny Linux printing this run's marker on the serial console.
+
+Capture (issue 10): a reference machine holding that tiny Linux network-boots into the client
+in capture mode, which reads its disk (partclone maps the FAT partition) and uploads it; the
+machine then boots its own disk again, and the captured image, deployed to a second machine
+with an empty disk, boots there too.
 """
 
 from __future__ import annotations
@@ -20,9 +25,19 @@ from typing import Any
 
 import pytest
 from fleethelp import build_image, file_sha256
-from pxelab import BootServerLab, PxeLab, accelerator, boot_image, marker_disk, missing_tools
+from pxelab import (
+    BootServerLab,
+    Machine,
+    PxeLab,
+    accelerator,
+    boot_image,
+    marker_disk,
+    missing_tools,
+)
 
 from bench.lab import Lab
+from protocol.manifest import BlockKind
+from server.images.store import ImageStore
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(600)]
 MACHINES = 2
@@ -31,6 +46,7 @@ DISK_MIB = 24
 REGISTER_WITHIN = 120
 DEPLOY_WITHIN = 240
 MARKER_WITHIN = 120
+CAPTURE_WITHIN = 240
 
 
 @pytest.fixture
@@ -142,4 +158,81 @@ def test_two_machines_pxe_boot_get_imaged_over_multicast_and_boot_their_disks(
         f"\nPXE lab ({pl.accel}): registered {registered:.0f} s, imaged {deployed:.0f} s, "
         f"marker {booted:.0f} s after power-on; clients enrolled {clients} s after the "
         "session was created"
+    )
+
+
+def _session_end(pl: PxeLab, session_id: int, timeout: float) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        assert pl.server.api is not None
+        detail: dict[str, Any] = pl.server.api.get(f"/api/sessions/{session_id}").json()
+        return detail if detail["state"] not in ("pending", "running") else None
+
+    detail: dict[str, Any] = _wait(pl, f"session {session_id} to end", ended, timeout)
+    assert detail["state"] == "succeeded", f"{detail}\n{pl.report()}"
+    return detail
+
+
+def _boots_marker(pl: PxeLab, vm: Machine, marker: str) -> None:
+    """``vm`` prints ``marker`` from its own disk and powers itself off."""
+    _wait(pl, f"{vm.name} to print the marker", lambda: marker in vm.console(), MARKER_WITHIN)
+    assert vm.proc is not None
+    assert pl.lab.wait(vm.proc, 60) == 0  # the tiny Linux powered the machine off
+
+
+def test_a_machine_captured_over_pxe_is_deployed_to_another_which_boots(
+    pxe_lab: PxeLab, tmp_path: Path
+) -> None:
+    pl = pxe_lab
+    marker = f"FLEETCAST-CAPTURED-{secrets.token_hex(8)}"
+    golden = tmp_path / "reference.raw"
+    marker_disk(golden, pl.server.boot_dir / "vmlinuz", marker, tmp_path, DISK_MIB)
+    api = pl.server.start()
+    pl.start_dhcp()
+    ref, blank = pl.add_machine("ref", DISK_MIB), pl.add_machine("blank", DISK_MIB)
+    ref.disk.write_bytes(golden.read_bytes())  # the machine staff set up by hand
+    ids = {}
+    for vm in (ref, blank):  # known machines (as a first network boot would register them)
+        r = api.post("/api/machines", json={"mac": vm.mac, "name": vm.name})
+        assert r.status_code == 201, r.text
+        ids[vm.name] = r.json()["id"]
+    started = time.monotonic()
+
+    # 1. capture the reference machine: its next network boot runs the client in capture mode
+    r = api.post(
+        "/api/captures",
+        json={"machine_id": ids["ref"], "target_image": "lab/ref", "level": 1, "after": "reboot"},
+    )
+    assert r.status_code == 201, r.text
+    pl.start_machine(ref)
+    _session_end(pl, r.json()["id"], CAPTURE_WITHIN)
+    captured = time.monotonic() - started
+    _, m = ImageStore(pl.server.data_dir / "images").load_manifest("lab/ref")
+    assert m.partitions[0].fs == "vfat" and m.partitions[0].used_map == "partclone"
+    assert m.count(BlockKind.UNUSED) > 0  # the free FAT clusters were not read
+    assert m.image_sha256 == hashlib.sha256(golden.read_bytes()).digest()
+    # ... and it boots its own disk again, untouched
+    _boots_marker(pl, ref, marker)
+    console = ref.console()
+    assert "capture verified" in console and file_sha256(ref.disk) == m.image_sha256
+
+    # 2. the captured image, deployed to the machine with the empty disk, boots there
+    r = api.post(
+        "/api/sessions",
+        json={
+            "image": "lab/ref",
+            "machine_ids": [ids["blank"]],
+            "start_policy": {"start": "now", "min_receivers": 1, "max_wait": 200},
+        },
+    )
+    assert r.status_code == 201, r.text
+    deploy_started = time.monotonic()
+    pl.start_machine(blank)
+    _session_end(pl, r.json()["id"], DEPLOY_WITHIN)
+    deployed = time.monotonic() - deploy_started
+    _boots_marker(pl, blank, marker)
+    assert file_sha256(blank.disk) == m.image_sha256
+    print(
+        f"\nPXE capture lab ({pl.accel}): captured {captured:.0f} s after power-on, "
+        f"deployed {deployed:.0f} s after the second machine's power-on, "
+        f"{time.monotonic() - started:.0f} s in all"
     )
