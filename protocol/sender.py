@@ -37,6 +37,9 @@ from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, PacketType, Transmit, W
 
 logger = logging.getLogger(__name__)
 
+#: When the send queue runs dry, the next ANNOUNCE goes this soon (§3.1).
+IDLE_ANNOUNCE = 0.01
+
 
 class SenderState(Enum):
     """§3: waiting for receivers, transferring, lingering after the end, ended."""
@@ -120,6 +123,7 @@ class SenderSession:
         self._group_loss = 0.0
         self._blocked = False
         self._idle = False  # the last look found nothing to send, and nothing changed since
+        self._data_since_announce = False
         self._pacer = Pacer(config, now)
         self._next_announce = now
         self._next_poll = now
@@ -642,6 +646,12 @@ class SenderSession:
         while True:
             if not sched.pending and not sched.fill(now, sweeping, needs):
                 self._idle = True
+                if out or self._data_since_announce:
+                    # Out of work: an ANNOUNCE soon carries a later seq, so a receiver that
+                    # lost our last datagrams learns that it read past them (its NAKs count
+                    # only then, §4.2) without waiting for the next periodic one.
+                    self._next_announce = min(self._next_announce, now + IDLE_ANNOUNCE)
+                    self._data_since_announce = False
                 return out
             self._idle = False
             if not self._pacer.ready(now):
@@ -651,6 +661,7 @@ class SenderSession:
                 self._blocked = True
                 return out
             t = sched.pop_transmit()
+            self._data_since_announce = True
             self._pacer.consume(len(t.data))
             out.append(t)
             self._send_log.sent(now)

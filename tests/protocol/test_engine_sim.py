@@ -493,3 +493,31 @@ def test_the_transfer_starts_on_the_join_that_completes_the_group_not_a_poll_lat
     while (e := sender.next_event()) is not None:
         events.append(e)
     assert ev.TransferStarted(1) in events
+
+
+def test_when_the_sweep_runs_dry_an_announce_follows_at_once() -> None:
+    # A receiver that lost our last datagrams only learns it read past them from a later
+    # seq; the periodic ANNOUNCE (0.5 s) would make every tail loss cost that long.
+    image = make_image(random.Random(32), blocks=3)
+    config = EngineConfig(auto_rate=False)
+    sender = SenderSession(
+        session_id=SESSION_ID,
+        key=KEY,
+        manifest_bytes=image.manifest_bytes,
+        read_block=image.stored.__getitem__,
+        config=config,
+        now=0.0,
+        rng=random.Random(1),
+    )
+    receiver = ReceiverSession(key=KEY, config=config, now=0.0, rng=random.Random(2))
+    for t in sender.datagrams_to_send(0.0):
+        receiver.receive_datagram(t.data, ("10.0.0.1", 9000), 0.0)
+    (join,) = receiver.datagrams_to_send(0.0)
+    sender.receive_datagram(join.data, ("10.0.0.2", 9000), 0.0)
+    now = 0.001
+    while any(t.count > 1 for t in sender.datagrams_to_send(now)):
+        now += 0.001
+    timer = sender.get_timer()
+    assert timer is not None and timer <= now + 0.011
+    types = [t.data[3] for t in sender.datagrams_to_send(timer)]
+    assert wire.PacketType.ANNOUNCE in types
