@@ -29,6 +29,7 @@ from server.models import (
     Session,
     SessionMachine,
 )
+from server.services import delta
 from server.services.audit import record
 from server.services.machines import enroll, machine_by_mac
 
@@ -84,8 +85,18 @@ class BootOptions:
     menu_timeout: float = 5.0
 
 
-def decide(db: DbSession, bus: EventBus | None, req: BootRequest, unknown: str) -> BootDecision:
-    """The decision for ``req``; registers an unknown machine. ``unknown``: "local"/"menu"."""
+def decide(
+    db: DbSession,
+    bus: EventBus | None,
+    req: BootRequest,
+    unknown: str,
+    late_window: float | None = None,
+) -> BootDecision:
+    """The decision for ``req``; registers an unknown machine. ``unknown``: "local"/"menu".
+
+    ``late_window`` (catch-up on, issue 9): a machine that missed its deployment's transfer
+    (no-show) boots the client too, to catch up, while the session runs or up to that many
+    seconds after its verdict (services/delta.py ``late_row``); None: it boots locally."""
     known = machine_by_mac(db, [req.mac]) is not None
     facts = {k: v[:128] for k, v in req.facts.items() if k in PXE_FIELDS and v}
     m = enroll(db, bus, [req.mac], {"pxe": facts} if facts else {}, req.address)
@@ -98,7 +109,10 @@ def decide(db: DbSession, bus: EventBus | None, req: BootRequest, unknown: str) 
         .where(col(SessionMachine.state).in_(MACHINE_ACTIVE))
         .order_by(col(Session.id).desc())
     ).first()
-    if row is not None:
+    late = delta.late_row(db, mid, late_window) if row is None and late_window is not None else None
+    if late is not None:
+        row = (late, db.get(Session, late.session_id))
+    if row is not None and row[1] is not None:
         s = row[1]
         d = BootDecision(
             DEPLOY,
@@ -107,7 +121,7 @@ def decide(db: DbSession, bus: EventBus | None, req: BootRequest, unknown: str) 
             s.id,
             s.image_name,
             not known,
-            "deployment due",
+            "deployment due" if late is None else "deployment due (late: catch-up over HTTP)",
             after=s.after,
             disk_rule=s.disk_rule,
         )

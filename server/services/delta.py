@@ -17,6 +17,7 @@ them through its one ``_set_machine_state``; services/catchup.py runs the lifecy
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlmodel import Session as DbSession
@@ -30,6 +31,7 @@ from server.models import (
     Session,
     SessionMachine,
     SessionMachinePublic,
+    utcnow,
 )
 
 MULTICAST = "multicast"
@@ -40,6 +42,9 @@ RERUN_DEPTH = 32
 EVICTED_REASON = "evicted from the multicast transfer: catching up over HTTP"
 LATE_REASON = "arrived after the multicast transfer started: catching up over HTTP"
 ENDED_REASON = "the multicast transfer is over: catching up over HTTP"
+AFTER_VERDICT_REASON = "arrived after the session's verdict: catching up over HTTP"
+#: Session verdicts a late machine may reopen (not a cancel, not a session never started).
+REOPENABLE = ("partial", "failed")
 UNFINISHED_REASON = "its catch-up had not finished when the session ended"
 
 
@@ -51,22 +56,31 @@ def assignment_mode(s: Session, row: SessionMachine, catchup: bool) -> tuple[str
     if row.state == CATCHUP:
         return CATCHUP, ""
     if row.state == "no-show":
-        return CATCHUP, LATE_REASON
+        return CATCHUP, LATE_REASON if s.state == "running" else AFTER_VERDICT_REASON
     if s.transfer_ended_at is not None and row.state in ("pending", "assigned", "receiving"):
         return CATCHUP, ENDED_REASON
     return MULTICAST, ""
 
 
-def late_row(db: DbSession, machine_id: int) -> SessionMachine | None:
-    """The machine's ``no-show`` row in a running session, newest first: it booted after
-    the transfer started and may still catch up."""
-    return db.exec(
+def late_row(
+    db: DbSession, machine_id: int, window: float = 0.0, now: datetime | None = None
+) -> SessionMachine | None:
+    """The machine's ``no-show`` row of a deployment it may still catch up in: a running
+    session (it booted after the transfer started), else one whose verdict (partial or
+    failed) came less than ``window`` seconds before ``now`` (the session is reopened)."""
+    q = (
         select(SessionMachine)
         .join(Session, col(Session.id) == SessionMachine.session_id)
-        .where(SessionMachine.machine_id == machine_id, Session.state == "running")
-        .where(SessionMachine.state == "no-show")
+        .where(SessionMachine.machine_id == machine_id, SessionMachine.state == "no-show")
+        .where(Session.kind == "deploy")
         .order_by(col(Session.id).desc())
-    ).first()
+    )
+    row = db.exec(q.where(Session.state == "running")).first()
+    if row is None and window > 0:
+        since = (now or utcnow()) - timedelta(seconds=window)
+        q = q.where(col(Session.state).in_(REOPENABLE), col(Session.ended_at) >= since)
+        row = db.exec(q.where(col(Session.transfer_started_at).is_not(None))).first()
+    return row
 
 
 def resumes(db: DbSession, s: Session, row: SessionMachine) -> bool:

@@ -88,6 +88,11 @@ class SessionManager:
         """Cancel the sender of ``session_id`` (its receivers are told)."""
         self._in_loop(self._stop, session_id)
 
+    def watch_catchup(self, session_id: int) -> None:
+        """Settle ``session_id`` again once its catch-ups end: a late machine reopened it
+        after its verdict (services/sessions.py ``assignment``); no sender runs."""
+        self._in_loop(self._launch_catchup, session_id)
+
     def force_start(self, session_id: int) -> None:
         """Start the transfer of a waiting session with the machines present (the "now"
         condition of the start policy)."""
@@ -118,6 +123,25 @@ class SessionManager:
         task = asyncio.get_running_loop().create_task(self._run(session_id))
         self.tasks[session_id] = task
         task.add_done_callback(lambda _t: self.tasks.pop(session_id, None))
+
+    def _launch_catchup(self, session_id: int) -> None:
+        if session_id in self.tasks or self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._catchup_only(session_id))
+        self.tasks[session_id] = task
+        task.add_done_callback(lambda _t: self.tasks.pop(session_id, None))
+
+    async def _catchup_only(self, session_id: int) -> None:
+        """Wait for a reopened session's catch-ups (services/catchup.py), then its verdict."""
+        reason = ""
+        try:
+            await self._await_results(session_id)
+        except asyncio.CancelledError:
+            reason = SHUTDOWN_REASON if self._stopping else ""
+        except Exception as exc:  # a bug must end the session with a reason
+            log.exception("session %d: catch-up watch crashed", session_id)
+            reason = f"internal error in the session runner: {exc!r}"
+        await asyncio.shield(self._db(self._finalize, session_id, None, reason))
 
     def _stop(self, session_id: int) -> None:
         task = self.tasks.get(session_id)

@@ -342,11 +342,14 @@ def assignment(
     machine_id: int,
     settings: Settings | None = None,
     bus: EventBus | None = None,
+    reopened: list[int] | None = None,
 ) -> Assignment:
     """The running session ``machine_id`` is a target of, or an empty Assignment.
 
     With catch-up on (``settings.catchup``), a machine that missed the transfer (no-show)
-    or was evicted gets its session with mode "catchup" (services/delta.py)."""
+    or was evicted gets its session with mode "catchup" (services/delta.py); one that
+    missed a session whose verdict came less than ``catchup_timeout`` ago reopens it (its
+    id goes to ``reopened``: the caller has SessionManager.watch_catchup settle it again)."""
     catchup_on = settings is None or settings.catchup
     row = db.exec(
         select(SessionMachine)
@@ -356,7 +359,7 @@ def assignment(
         .order_by(col(Session.id).desc())
     ).first()
     if row is None and catchup_on:
-        row = delta.late_row(db, machine_id)
+        row = delta.late_row(db, machine_id, settings.catchup_timeout if settings else 0.0)
     if row is None:
         return Assignment()
     s = get_session(db, row.session_id)
@@ -371,6 +374,10 @@ def assignment(
     wants_delta = delta.wants_delta(db, s, row)
     mode, why = delta.assignment_mode(s, row, catchup_on)
     row.assigned_at = row.assigned_at or utcnow()
+    if why and s.state != "running":
+        _reopen(db, bus, s, machine_id)
+        if reopened is not None:
+            reopened.append(s.id or 0)
     if why:
         _set_machine_state(db, bus, row, "catchup", why, f"machine:{machine_id}")
     elif row.state == "pending":
@@ -391,6 +398,14 @@ def assignment(
         delta=wants_delta,
         image_id=s.image_id,
     )
+
+
+def _reopen(db: DbSession, bus: EventBus | None, s: Session, machine_id: int) -> None:
+    """A target arrived after ``s``'s verdict and catches up: ``s`` runs again (without a
+    sender) until its catch-ups end, then gets a new verdict."""
+    why = f"machine {machine_id} arrived after the verdict ({s.state}): catching up over HTTP"
+    s.ended_at = None
+    _set_session_state(db, bus, s, "running", why, f"machine:{machine_id}")
 
 
 def own_row(db: DbSession, machine_id: int, session_id: int) -> tuple[Session, SessionMachine]:

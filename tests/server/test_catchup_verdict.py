@@ -236,3 +236,58 @@ def test_finalize_fails_a_catch_up_cut_short_by_the_server(api: Api) -> None:
     with db(api) as d:
         m = d.get(Machine, mid)
         assert m is not None and m.last_image_id is None
+
+
+def test_a_machine_arriving_after_the_verdict_reopens_the_session_and_settles_it_again(
+    api: Api,
+) -> None:
+    captured(api)
+    digest, data_bytes = _image(api)
+    done, late = machines(api, 2)
+    sid = session(api, "golden", [done, late])
+    set_row(api, sid, done, state="succeeded", via="multicast")
+    set_row(api, sid, late, state="no-show", reason="did not join before the transfer started")
+    ended = utcnow() - timedelta(seconds=60)
+    set_session(api, sid, state="partial", ended_at=ended, transfer_started_at=ended)
+    agent = enroll(api, late)
+    a = api.client.get("/api/agent/assignment", headers=agent).json()
+    assert (a["session_id"], a["mode"]) == (sid, "catchup")
+    reopened = api.get(f"/api/sessions/{sid}").json()
+    assert reopened["state"] == "running" and "arrived after the verdict" in reopened["reason"]
+    assert row_of(api, sid, late)["state"] == "catchup"
+    assert _progress(api, agent, sid, phase="catchup")["cancel"] is False
+    r = _result(api, agent, sid, via="catchup", manifest_digest=digest, bytes_done=data_bytes)
+    assert r.json() == {"state": "succeeded"}
+    deadline = time.monotonic() + 15
+    while api.get(f"/api/sessions/{sid}").json()["state"] == "running":
+        assert time.monotonic() < deadline, "the reopened session never got a new verdict"
+        time.sleep(0.1)
+    final = api.get(f"/api/sessions/{sid}").json()
+    assert final["state"] == "succeeded" and final["ended_at"] is not None
+    kinds = _kinds(api, sid)
+    assert kinds.count("session.running") == 2 and kinds[0] == "session.succeeded"
+
+
+def test_a_verdict_too_old_cancelled_or_without_catch_up_is_not_reopened(api: Api) -> None:
+    captured(api)
+    old, cancelled, off = machines(api, 3)
+    long_ago = utcnow() - timedelta(seconds=901)  # catchup_timeout 900 s
+    recently = utcnow() - timedelta(seconds=10)
+    for mid, state, at in ((old, "partial", long_ago), (cancelled, "cancelled", recently),
+                           (off, "failed", recently)):  # fmt: skip
+        sid = session(api, "golden", [mid])
+        set_row(api, sid, mid, state="no-show")
+        set_session(api, sid, state=state, ended_at=at, transfer_started_at=at)
+    assert (
+        api.client.get("/api/agent/assignment", headers=enroll(api, old)).json()["session_id"]
+        is None
+    )
+    assert (
+        api.client.get("/api/agent/assignment", headers=enroll(api, cancelled)).json()["session_id"]
+        is None
+    )
+    api.client.app.state.settings.catchup = False  # type: ignore[attr-defined]
+    assert (
+        api.client.get("/api/agent/assignment", headers=enroll(api, off)).json()["session_id"]
+        is None
+    )

@@ -185,3 +185,19 @@ def test_without_catch_up_nothing_changes(api: Api) -> None:
     api.client.app.state.settings.catchup = False  # type: ignore[attr-defined]
     assert _assignment(api, enroll(api, absent))["session_id"] is None
     assert _assignment(api, enroll(api, present))["mode"] == "multicast"
+
+
+def test_a_late_machine_that_network_boots_gets_the_client_to_catch_up(api: Api) -> None:
+    from server.services.boot import DEPLOY, LOCAL, BootRequest, decide
+
+    captured(api)
+    (late,) = machines(api, 1)
+    mac = api.get(f"/api/machines/{late}").json()["mac"]
+    sid = session(api, "golden", [late])
+    set_session(api, sid, transfer_started_at=utcnow())
+    set_row(api, sid, late, state="no-show")
+    with db(api) as d:
+        assert decide(d, None, BootRequest(mac), "local").action == LOCAL  # catch-up off
+        due = decide(d, None, BootRequest(mac), "local", late_window=900.0)
+    assert (due.action, due.session_id) == (DEPLOY, sid)
+    assert "catch-up" in due.reason

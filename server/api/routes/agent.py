@@ -17,6 +17,7 @@ from server.api.deps import (
     DbDep,
     Id,
     MachineDep,
+    ManagerDep,
     MetricsDep,
     SettingsDep,
     StoreDep,
@@ -75,10 +76,20 @@ def register(
 
 @router.get("/assignment", response_model=Assignment)
 def get_assignment(
-    who: MachineDep, db: DbDep, store: StoreDep, settings: SettingsDep, bus: BusDep
+    who: MachineDep,
+    db: DbDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    bus: BusDep,
+    manager: ManagerDep,
 ) -> Assignment:
     """The session this machine is to receive now (empty ``session_id``: poll again)."""
-    return svc.assignment(db, store, who.machine_id or 0, settings, bus)
+    reopened: list[int] = []
+    a = svc.assignment(db, store, who.machine_id or 0, settings, bus, reopened)
+    if reopened:  # a late machine reopened an ended session: settle it again (issue 9)
+        db.commit()
+        manager.watch_catchup(reopened[0])
+    return a
 
 
 def _resolve_machine(request: Request, token: str) -> int:

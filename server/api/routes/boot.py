@@ -70,7 +70,8 @@ def ipxe_script(
     }
     address = request.client.host if request.client else ""
     req = svc.BootRequest(mac=mac, address=address, facts=facts)
-    decision = svc.decide(db, bus, req, settings.boot_unknown)
+    late = settings.catchup_timeout if settings.catchup else None  # issue 9: late machines
+    decision = svc.decide(db, bus, req, settings.boot_unknown, late)
     text = svc.render_ipxe(decision, _options(settings, request))
     return PlainTextResponse(text, headers={"Cache-Control": "no-store"})
 
