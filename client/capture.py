@@ -177,12 +177,14 @@ class Capturer:
         self._data_settled = 0  # ... of those the server has now
         self.manifest: Manifest | None = None
         self.cancelled = threading.Event()
+        self.cancel_reason = ""
         self._known: dict[bytes, int] = {}  # digest -> stored size on the server
         self._slots = threading.BoundedSemaphore(2 * self.batch_blocks + self.threads)
         self._error: BaseException | None = None
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str = "the capture was cancelled") -> None:
         """Stop at the next block (from any thread)."""
+        self.cancel_reason = reason
         self.cancelled.set()
 
     def run(self) -> tuple[Manifest, dict[str, Any]]:
@@ -229,7 +231,7 @@ class Capturer:
         if self._error is not None:
             raise self._error
         if self.cancelled.is_set():
-            raise CaptureCancelled("the capture was cancelled")
+            raise CaptureCancelled(self.cancel_reason)
 
     def _read_all(
         self, walker: BlockWalker, batches: queue.Queue[_Batch | None], pool: ThreadPoolExecutor
@@ -433,5 +435,6 @@ class _Reporter:
             log.warning("session %d: progress not sent: %s", self.session_id, exc)
             return
         if status == 200 and isinstance(reply, dict) and reply.get("cancel"):
-            log.info("session %d: cancelled: %s", self.session_id, reply.get("reason"))
-            c.cancel()
+            reason = str(reply.get("reason") or "the server cancelled the capture")
+            log.info("session %d: cancelled: %s", self.session_id, reason)
+            c.cancel(reason)

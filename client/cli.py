@@ -141,13 +141,16 @@ def agent_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fleetcast agent",
         description="Enroll with a fleetcast server, wait for a deployment assigned to this "
-        "machine, receive it onto --target and report the result.",
+        "machine, receive it onto --target and report the result. A capture session reads "
+        "--target instead and uploads it as an image (docs/CAPTURE.md).",
         epilog=AGENT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--server", required=True, help="server URL, e.g. http://10.0.0.1:8080")
     parser.add_argument("--token", required=True, help="the enrollment token")
-    parser.add_argument("--target", required=True, help="file or block device to write")
+    parser.add_argument(
+        "--target", required=True, help="file or block device to write (a capture: to read)"
+    )
     parser.add_argument("--iface", default="", help="interface (default: the route to --server)")
     parser.add_argument(
         "--wait",
