@@ -445,6 +445,13 @@ def release_ended_pins(db: DbSession, store: ImageStore) -> int:
     return released
 
 
+def forget_machine(db: DbSession, machine_id: int) -> None:
+    """Drop the capture records of a machine being deleted (its images stay, as images)."""
+    for cap in db.exec(select(Capture).where(Capture.machine_id == machine_id)):
+        db.delete(cap)
+    db.flush()
+
+
 # -- reading ------------------------------------------------------------------------------
 
 

@@ -92,6 +92,9 @@ def delete_machine(db: DbSession, m: Machine) -> None:
         db.delete(row)
     for tok in db.exec(select(ApiToken).where(ApiToken.machine_id == m.id)):
         db.delete(tok)
+    from server.services.capture import forget_machine
+
+    forget_machine(db, m.id or 0)  # its captured images stay, as images
     db.delete(m)
 
 

@@ -278,3 +278,11 @@ def test_a_manifest_resent_after_a_server_crash_mid_accept_completes_the_capture
     assert r.status_code == 200, r.text
     assert api.get(f"/api/sessions/{agent.session_id}").json()["state"] == "succeeded"
     assert _names(api).count("crashed") == 1
+
+
+def test_a_captured_machine_can_be_deleted_and_its_images_stay(api: Api) -> None:
+    agent = enrolled(api, "52:54:00:c0:00:10")
+    image_id = _capture(api, agent, "gone/1", 10)
+    assert api.delete(f"/api/machines/{agent.machine_id}").status_code == 204
+    assert api.get(f"/api/images/{image_id}").json()["name"] == "gone/1"
+    assert api.get("/api/captures").json() == []
