@@ -368,6 +368,12 @@ def _hash_or_none(path: Path) -> str | None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="N=1,4, lossless, both images, 1 rep")
+    p.add_argument(
+        "--targets",
+        action="store_true",
+        help="every scenario issue 8 sets a target on, each with only the tools its target "
+        "compares (bench/scenarios.py TARGET_TOOLS), 3 reps",
+    )
     p.add_argument("--scenario", action="append", help="run scenarios whose name contains this")
     p.add_argument("--tools", help="comma-separated: udpcast,udpcast+zstd,uftp,http,fleetcast")
     p.add_argument("--reps", type=int, help="repetitions per scenario and tool (default 3)")
@@ -423,7 +429,10 @@ def choose_tools(spec: str | None) -> list[Tool]:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    base = scenarios.quick_matrix() if a.quick else scenarios.full_matrix()
+    if a.targets:
+        base = scenarios.target_matrix()
+    else:
+        base = scenarios.quick_matrix() if a.quick else scenarios.full_matrix()
     try:
         chosen = scenarios.select(base, a.scenario)
     except ValueError as exc:
@@ -451,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"bench.compare: {t.name} needs {t.missing()}: run scripts/setup", file=sys.stderr
             )
             return 1
-    tag = a.tag or ("quick" if a.quick else "full")
+    tag = a.tag or ("quick" if a.quick else "targets" if a.targets else "full")
     if a.profile and not profile.available():
         print("bench.compare: --profile needs py-spy: pip install -e '.[bench]'", file=sys.stderr)
         return 1
@@ -486,6 +495,8 @@ def run_all(
             for sc in chosen:
                 for rep in range(reps):
                     for tool in tools:
+                        if a.targets and not _wanted(tool.name, sc.name):
+                            continue
                         spy = a.out / f"{tag}-profile-{sc.name}-rep{rep}" if a.profile else None
                         rec = run_one(
                             tool, sc, images[sc.image], Path(scratch), a.timeout, a.keep, spy
@@ -525,6 +536,12 @@ def cached_image(kind: str, size: int, parent: Path, level: int) -> PreparedImag
     fields = {k: str(v) if isinstance(v, Path) else v for k, v in vars(img).items()}
     desc.write_text(json.dumps(fields, indent=1))
     return img
+
+
+def _wanted(tool: str, scenario: str) -> bool:
+    """Does ``--targets`` run ``tool`` in ``scenario``? (fleetcast-base runs with fleetcast)"""
+    names = scenarios.TARGET_TOOLS.get(scenario)
+    return names is None or tool.removesuffix("-base") in names
 
 
 def _profiles(out: Path, tag: str) -> str:

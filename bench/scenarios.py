@@ -65,6 +65,27 @@ def quick_matrix() -> list[Scenario]:
     return [Scenario(img, n) for img in ("realistic", "random") for n in (1, 4)]
 
 
+#: ``--targets``: each scenario issue 8 sets a target on, with only the tools that target
+#: compares (None: every tool). Lossless realistic runs are against every peer; the random
+#: image against raw udpcast; loss and faults against fleetcast's own lossless time.
+TARGET_TOOLS: dict[str, tuple[str, ...] | None] = {
+    "realistic-n1": None,
+    "realistic-n4": None,
+    "realistic-n8": None,
+    "random-n4": ("udpcast", "fleetcast"),
+    "realistic-n1-loss2": ("fleetcast",),
+    "realistic-n4-loss2": ("fleetcast",),
+    "realistic-n8-loss2": ("fleetcast",),
+    "realistic-n4-kill": ("fleetcast",),
+    "realistic-n4-slowport": ("fleetcast",),
+}
+
+
+def target_matrix() -> list[Scenario]:
+    """``--targets``: the scenarios of TARGET_TOOLS, in that order."""
+    return [parse(name) for name in TARGET_TOOLS]
+
+
 def select(scenarios: Sequence[Scenario], patterns: Sequence[str] | None) -> list[Scenario]:
     """Scenarios named exactly, else containing, any of ``patterns`` (all when None or empty).
 

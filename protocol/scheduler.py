@@ -89,6 +89,8 @@ class Scheduler:
         #: object -> seq of the last datagram of its last sweep
         self._swept_seq: dict[int, int] = {}
         self._ever_sent: set[int] = set()
+        #: the object whose sweep bursts are queued and not all packed yet
+        self._sweeping: int | None = None
         self._cursor = 0
         self.passes = 0
         #: when a held-off object may be swept again (the sender's timer), or None
@@ -101,7 +103,7 @@ class Scheduler:
         nothing when it has not yet read to the end of the object's last sweep (§4.2).
         """
         swept = self._swept_seq.get(obj)
-        if swept is not None and unseen(swept, seen):
+        if obj == self._sweeping or (swept is not None and unseen(swept, seen)):
             # It has not read to the end of the object's last sweep yet (a busy receiver's
             # socket buffer, or reading paused): what it lacks is still on its way.
             self._counts["naks_early"] += 1
@@ -138,6 +140,7 @@ class Scheduler:
             return False
         self._swept[obj] = self.last_sent[obj] = now
         self._swept_seq.pop(obj, None)  # set when its last datagram is packed
+        self._sweeping = obj  # until then, a NAK for it is early too
         self._queue_object(obj, range(self.fragments(obj)), 0)
         return True
 
@@ -254,6 +257,8 @@ class Scheduler:
             if last:
                 self._swept_seq[obj] = end
                 self._ever_sent.add(obj)
+                if self._sweeping == obj:
+                    self._sweeping = None
         self._counts[key] += len(chunk)
         seg = self._config.payload_size
         return Transmit(data, seg if len(chunk) > 1 else len(data), None)

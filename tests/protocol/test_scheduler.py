@@ -8,6 +8,7 @@ from collections import Counter
 from simnet import KEY, make_image
 
 from protocol.config import EngineConfig
+from protocol.manifest import BlockKind
 from protocol.scheduler import Scheduler
 
 
@@ -27,7 +28,7 @@ def _swept_once() -> tuple[Scheduler, Counter[str], int]:
         manifest=image.manifest,
         manifest_bytes=image.manifest_bytes,
         read_block=image.stored.__getitem__,
-        config=EngineConfig(),
+        config=EngineConfig(gso_max_segments=4),  # small bursts: objects span several
         next_seq=next_seq,
         counts=counts,
     )
@@ -50,3 +51,18 @@ def test_a_nak_after_the_receiver_read_past_the_sweep_queues_the_repair() -> Non
     sched, counts, last = _swept_once()
     sched.add_repair(0, 0b101, now=0.01, low=False, seen=last)
     assert sched.repairs == {0: 0b101} and counts["naks_early"] == 0
+
+
+def test_a_nak_for_the_object_being_swept_right_now_is_ignored() -> None:
+    sched, counts, last = _swept_once()
+    data = [i for i, k in enumerate(sched.manifest.kinds) if k == BlockKind.DATA]
+    big = max(data, key=sched.fragments)
+    assert sched.fragments(big) > sched._config.segments_per_transmit  # two bursts at least
+    sched._queue_object(big, range(sched.fragments(big)), 0)
+    sched._sweeping = big  # as fill() leaves it: bursts queued, not all packed
+    sched.pop_transmit()
+    sched.add_repair(big, 0b11, now=0.02, low=False, seen=last + 50)
+    assert sched.repairs == {} and counts["naks_early"] == 1
+    while sched.pending:
+        sched.pop_transmit()
+    assert sched._sweeping is None
