@@ -251,6 +251,15 @@ def run_sessions(db: DbSession, run_id: int) -> list[Session]:
     return list(db.exec(q))
 
 
+def forget_schedule(db: DbSession, schedule_id: int) -> None:
+    """Unlink the captures of a schedule being deleted (its backup images stay)."""
+    for cap in db.exec(select(Capture).where(Capture.schedule_id == schedule_id)):
+        cap.schedule_id = cap.schedule_run_id = None
+        cap.backup = False  # no retention prunes it any more
+        db.add(cap)
+    db.flush()
+
+
 def open_backup_captures(db: DbSession) -> list[tuple[Session, Capture]]:
     """Backup capture sessions still pending or running, with their Capture rows."""
     q = (

@@ -488,9 +488,12 @@ def get_schedule(db: DbSession, schedule_id: int) -> Schedule:
 
 
 def delete_schedule(db: DbSession, s: Schedule) -> None:
-    """Delete ``s`` and its history (the sessions it created stay)."""
+    """Delete ``s`` and its history (the sessions it created stay; its backups stay too and
+    are no longer pruned)."""
+    backups.forget_schedule(db, s.id or 0)
     for run in db.exec(select(ScheduleRun).where(ScheduleRun.schedule_id == s.id)):
         db.delete(run)
+    db.flush()  # the runs first: without a relationship the flush may order them last
     db.delete(s)
 
 

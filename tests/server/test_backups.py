@@ -230,3 +230,17 @@ def test_at_the_window_end_a_backup_that_never_started_is_cancelled(
     assert caps[down.machine_id]["session_state"] == "cancelled"
     assert "before it started" in caps[down.machine_id]["reason"]
     assert caps[up.machine_id]["session_state"] == "running"  # run-on: it may finish
+
+
+def test_deleting_a_backup_schedule_keeps_its_backups(api: Api, engine: Engine) -> None:
+    agent = enrolled(api, "52:54:00:ba:00:0a", "pc-e")
+    s = _schedule(api, machine_ids=[agent.machine_id], once_at="2026-11-30T02:00")
+    scheduler = Scheduler(engine, api.settings, None, lambda _sid: None, wake=Woken())
+    with db_session(engine) as db:
+        scheduler.tick(db, MONDAY)
+    agent.session_id = agent.assignment()["session_id"]
+    image_id = _finish(agent, disk(40))
+    assert api.delete(f"/api/schedules/{s['id']}").status_code == 204  # with its history
+    assert api.get(f"/api/images/{image_id}").status_code == 200
+    cap = api.get("/api/captures").json()[0]
+    assert (cap["schedule_id"], cap["backup"]) == (None, False)
