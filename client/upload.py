@@ -10,10 +10,12 @@ refuses (422) raises ``BlockRefused`` naming it. Not thread-safe: one thread own
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.client
 import json
 import logging
+import socket
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -168,6 +170,7 @@ class CaptureApi:
             conn = self._connection()
             conn.request(method, self.prefix + path, body=body, headers=all_headers)
             resp = conn.getresponse()
+            _ack_now(conn)
             raw = resp.read()
         except (OSError, http.client.HTTPException) as exc:
             raise _Transient(f"{method} {path.split('/')[1]}: {exc or type(exc).__name__}") from exc
@@ -187,6 +190,20 @@ class CaptureApi:
             )
             self._conn = cls(self.host, self.port, timeout=HTTP_TIMEOUT)
         return self._conn
+
+
+def _ack_now(conn: http.client.HTTPConnection) -> None:
+    """ACK what arrived at once (Linux TCP_QUICKACK, re-armed per response).
+
+    A server that writes a response's headers and body separately with Nagle's algorithm on
+    (uvicorn on a socket without TCP_NODELAY) holds the body until the headers are ACKed,
+    and on a kept-alive connection Linux delays that ACK by ~40 ms: measured 44 ms per
+    request instead of 1 ms, which capped uploads at ~20 blocks/s on one connection.
+    """
+    sock = conn.sock
+    if sock is not None and hasattr(socket, "TCP_QUICKACK"):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
 
 def _json(raw: bytes) -> Any:
