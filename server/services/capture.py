@@ -254,7 +254,7 @@ def store_block(
         raise Refused(f"block {hex_digest} refused: {exc}; read and send it again") from None
     new = store.put_pinned_block(pin_key(session_id), digest, payload)
     if new:
-        db.exec(  # type: ignore[call-overload]
+        db.exec(
             update(Capture)
             .where(col(Capture.session_id) == session_id)
             .values(
