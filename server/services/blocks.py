@@ -13,6 +13,13 @@ inode and mtime, so a re-created image is never served from a stale manifest), a
 lease (store.reading) only while the block file is opened — the open descriptor keeps the
 file readable even if the image is deleted a moment later — and one ``pread`` into the
 response body (the GIL is released during the read; no further copy until the socket).
+
+The route first reads with ``nowait`` in the event loop: when RWF_NOWAIT probes find the
+range's first and last bytes in the page cache (a catch-up of a session just sent mostly
+is), one ``pread`` there; otherwise (WouldBlock) the read goes to a worker thread, so a cold
+disk never stalls the loop. Measured over HTTP (docs/SERVER.md), the worker-thread path
+costs the server ~1.4-1.6 ms of CPU per ~0.8 MB request and the cached path ~1.1-1.3 ms
+(GIL hand-offs between the loop and the thread).
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ GRANTS = 4096
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*$")
 
 
+class WouldBlock(Exception):
+    """The bytes are not (all) in the page cache: read them in a worker thread instead."""
+
+
 class RangeNotSatisfiable(ServiceError):
     """A Range the block cannot satisfy (416); ``size`` goes into ``Content-Range: */size``."""
 
@@ -57,7 +68,7 @@ class BlockBody:
     """What the route sends: ``data`` is bytes ``start..end`` (inclusive) of a payload of
     ``size`` bytes; ``partial`` when a Range asked for it (206)."""
 
-    data: bytes
+    data: bytes | memoryview
     digest_hex: str
     start: int
     end: int
@@ -168,11 +179,14 @@ class BlockReader:
                 self._manifests.popitem(last=False)
         return manifest
 
-    def read(self, image_name: str, index: int, range_header: str | None = None) -> BlockBody:
+    def read(
+        self, image_name: str, index: int, range_header: str | None = None, nowait: bool = False
+    ) -> BlockBody:
         """Block ``index`` of ``image_name`` (its stored payload, or the asked range of it).
 
         Raises NotFound (no such image, index out of range, a ZERO/UNUSED block, a block
-        missing from the store), RangeNotSatisfiable, Conflict (a damaged manifest).
+        missing from the store), RangeNotSatisfiable, Conflict (a damaged manifest), and
+        with ``nowait`` WouldBlock when the bytes are not all in the page cache.
         """
         manifest = self.manifest(image_name)
         n = manifest.block_count
@@ -192,7 +206,11 @@ class BlockReader:
         try:
             size = os.fstat(fd).st_size
             start, end, partial = parse_range(range_header, size)
-            data = os.pread(fd, end - start + 1, start)
+            data = _pread_cached(fd, end - start + 1, start) if nowait else None
+            if data is None and nowait:
+                raise WouldBlock(f"block {index} of image {image_name!r} is not cached")
+            if data is None:
+                data = os.pread(fd, end - start + 1, start)
         finally:
             os.close(fd)
         if len(data) != end - start + 1:  # blocks are written whole and renamed: never short
@@ -213,6 +231,21 @@ class BlockReader:
             ) from None
         except StoreError as exc:  # a delete in progress held the lease too long
             raise Conflict(str(exc)) from None
+
+
+def _pread_cached(fd: int, n: int, offset: int) -> bytes | None:
+    """``n`` bytes at ``offset`` if the page cache holds them, else None, without waiting
+    for the disk: the range's first and last bytes are probed with RWF_NOWAIT (a block
+    file is written, and read ahead, whole), then read into a bytes object (None too
+    where the filesystem does not support RWF_NOWAIT)."""
+    probe = bytearray(1)
+    try:
+        for at in (offset, offset + n - 1):
+            if os.preadv(fd, [probe], at, os.RWF_NOWAIT) != 1:
+                return None
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP/EINVAL: no RWF_NOWAIT here
+        return None
+    return os.pread(fd, n, offset)
 
 
 def reader_for(state: Any) -> BlockReader:

@@ -7,6 +7,7 @@ gives a 206 (a dropped download resumes); only a target machine of the session m
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import zstandard
@@ -15,7 +16,7 @@ from apitest import Api
 from catchuptest import MIB, captured, disk_bytes, enroll, machines, session
 
 from server.images.store import ImageStore
-from server.services.blocks import RangeNotSatisfiable, parse_range
+from server.services.blocks import BlockReader, RangeNotSatisfiable, WouldBlock, parse_range
 
 
 def _url(sid: int, index: int) -> str:
@@ -135,3 +136,23 @@ def test_parse_range_refuses(header: str) -> None:
     with pytest.raises(RangeNotSatisfiable) as err:
         parse_range(header, 1000)
     assert err.value.size == 1000
+
+
+def test_a_block_not_in_the_page_cache_is_read_in_a_worker_thread(api: Api) -> None:
+    captured(api)
+    (mid,) = machines(api, 1)
+    sid = session(api, "golden", [mid])
+    agent = enroll(api, mid)
+    store = ImageStore(api.settings.image_root)
+    _, manifest = store.load_manifest("golden")
+    path = store.block_path(manifest.digest_of(2))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop its pages from the cache
+    finally:
+        os.close(fd)
+    with pytest.raises(WouldBlock):
+        BlockReader(store).read("golden", 2, nowait=True)
+    r = api.client.get(_url(sid, 2), headers=agent)  # the route falls back to a thread
+    assert r.status_code == 200 and r.content == path.read_bytes()

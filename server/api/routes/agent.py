@@ -35,7 +35,7 @@ from server.models import (
 from server.security import MACHINE_PREFIX, new_token, same_secret, token_hash
 from server.services import sessions as svc
 from server.services.agentcache import AgentCache
-from server.services.blocks import BlockReader, RangeNotSatisfiable, reader_for
+from server.services.blocks import BlockReader, RangeNotSatisfiable, WouldBlock, reader_for
 from server.services.delta import progress_fields, progress_target
 from server.services.errors import Forbidden, Unauthorized
 from server.services.machines import enroll
@@ -202,7 +202,10 @@ async def get_block(
     if image is None:
         image = await asyncio.to_thread(_grant_blocks, request, reader, session_id, machine_id)
     try:
-        block = await asyncio.to_thread(reader.read, image, index, range_header)
+        try:  # from the page cache in the loop; from the disk in a worker thread
+            block = reader.read(image, index, range_header, nowait=True)
+        except WouldBlock:
+            block = await asyncio.to_thread(reader.read, image, index, range_header)
     except RangeNotSatisfiable as exc:
         headers = {"Content-Range": f"bytes */{exc.size}"}
         return JSONResponse({"detail": str(exc)}, status_code=416, headers=headers)
