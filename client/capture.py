@@ -205,7 +205,8 @@ class Capturer:
             reply = self.api.post_manifest(m.to_bytes())
         except ShortRead as exc:
             raise CaptureFailed(str(exc)) from None
-        except (UploadError, ManifestError, OSError) as exc:
+        except (UploadError, ManifestError, OSError, ValueError) as exc:
+            # ValueError: the server's 'have' gave a stored size the block cannot have
             raise CaptureFailed(str(exc)) from None
         finally:
             self.api.close()
@@ -287,7 +288,8 @@ class Capturer:
                 break
             retries = self.api.retries
             missing, present = self.api.have(todo)
-            self._known.update(present)
+            self._known.update((d, n) for d, n in present.items() if d in raw)
+            missing = [d for d in missing if d in raw and d not in self._known]
             payloads = {d: pool.submit(compress_block, raw[d], self.job.level) for d in missing}
             for d in missing:
                 if self.cancelled.is_set():
