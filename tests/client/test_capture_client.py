@@ -4,6 +4,7 @@ restarted capture both resume, and a refused block is named."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import sys
@@ -14,10 +15,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))  # apitest
 
 from apitest import *  # noqa: F403
+from apitest import ENROLL
 from test_capture_client_fixtures import *  # noqa: F403
 from test_capture_client_fixtures import CuttingProxy, Served
 
 import client.capture as capture_module
+from client.agent import Agent, AgentOptions, local_macs
 from client.capture import CaptureCancelled, CaptureFailed, Capturer, open_disk
 from client.upload import BlockRefused, CaptureApi, Unreachable
 from protocol.codec import block_digest, compress_block
@@ -203,3 +206,21 @@ def test_a_disk_that_is_not_one_is_refused(tmp_path: Path) -> None:
         pass
     with pytest.raises(CaptureFailed, match="cannot read the disk"), open_disk(tmp_path / "no"):
         pass
+
+
+def test_the_agent_runs_a_capture_assignment_and_the_server_keeps_its_stats(
+    served: Served, tmp_path: Path
+) -> None:
+    if not local_macs():
+        pytest.skip("this machine has no network interface with a MAC address")
+    disk = text_disk(tmp_path / "disk.img")
+    agent = Agent(AgentOptions(server=served.url, token=ENROLL, target=str(disk), poll=0.1))
+    machine_id = agent.register()
+    session_id = served.capture_of(machine_id, "pc9/2026-11-26")
+    verdict = asyncio.run(agent.run_once())  # the assignment's kind is "capture"
+    assert verdict["kind"] == "capture" and verdict["result"] == "verified", verdict
+    assert verdict["state"] == "succeeded"
+    detail = served.api.get(f"/api/sessions/{session_id}").json()
+    assert detail["state"] == "succeeded"
+    kept = detail["stats"]["agent"]
+    assert kept["uploaded_blocks"] == BLOCKS - 2 and kept["read_bytes"] == BLOCKS * MIB
