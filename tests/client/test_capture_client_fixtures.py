@@ -61,7 +61,7 @@ def serve(api: Api) -> Iterator[Served]:
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     app = api.client.app
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))  # type: ignore[arg-type]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
