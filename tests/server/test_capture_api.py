@@ -286,3 +286,21 @@ def test_a_captured_machine_can_be_deleted_and_its_images_stay(api: Api) -> None
     assert api.delete(f"/api/machines/{agent.machine_id}").status_code == 204
     assert api.get(f"/api/images/{image_id}").json()["name"] == "gone/1"
     assert api.get("/api/captures").json() == []
+
+
+def test_a_running_capture_survives_a_server_restart(api: Api) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.main import create_app
+
+    agent = enrolled(api, "52:54:00:c0:00:11")
+    start_capture(api, agent, "restarted")
+    img = image_of(disk(11, blocks=8, zero=()))
+    assert agent.upload(img, only=4) == (4, 0)
+    with TestClient(create_app(api.settings)) as client:  # a new server process
+        again = Api(client, api.settings, api.token)
+        moved = Agent(again, agent.headers, agent.machine_id, agent.session_id)
+        assert again.get(f"/api/sessions/{agent.session_id}").json()["state"] == "running"
+        assert moved.upload(img) == (4, 4)
+        assert moved.manifest(img.data).status_code == 200
+        assert "restarted" in _names(again)
