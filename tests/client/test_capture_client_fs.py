@@ -27,6 +27,7 @@ MIB = 1 << 20
 CREATED = "2026-11-26T03:00:00Z"
 pytestmark = [
     pytest.mark.tools,
+    pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for read-only loop devices"),
     pytest.mark.skipif(
         not all(shutil.which(t) for t in ("mkfs.ext4", "debugfs", "sfdisk", "partclone.extfs")),
