@@ -118,8 +118,8 @@ def changed_copy(image: PreparedImage, out: Path, share: float, seed: int = 9) -
 
 def run_lab(a: argparse.Namespace) -> dict[str, Any]:
     require_lab_support()
-    sc = scenarios.Scenario("realistic", a.receivers)
-    out: dict[str, Any] = {"scenario": sc.name, "size": a.size, "change": a.change, "runs": []}
+    counts = [int(n) for n in str(a.receivers).split(",")]
+    out: dict[str, Any] = {"receivers": counts, "size": a.size, "change": a.change, "runs": []}
     with _workdir(a.keep) as work:
         image = compare.cached_image("realistic", a.size, work, 1)
         base = work / "changed.img"
@@ -136,13 +136,16 @@ def run_lab(a: argparse.Namespace) -> dict[str, Any]:
         scratch = work / "runs"
         scratch.mkdir(exist_ok=True)
         for rep in range(a.reps):
-            for tool in tools:
-                drop_caches()
-                rec = compare.run_one(tool, sc, image, scratch, a.timeout)
-                rec["rep"] = rep
-                rec.get("tool_reports", {}).pop("receiver_stats", None)
-                out["runs"].append(rec)
-                _say(f"{tool.name} rep {rep}: {rec['wall_s']} s, wire {rec['wire_bytes']} B")
+            for sc in (scenarios.Scenario("realistic", n) for n in counts):
+                for tool in tools:
+                    drop_caches()
+                    rec = compare.run_one(tool, sc, image, scratch, a.timeout)
+                    rec["rep"] = rep
+                    rec.get("tool_reports", {}).pop("receiver_stats", None)
+                    out["runs"].append(rec)
+                    _say(
+                        f"{sc.name} {tool.name} rep {rep}: {rec['wall_s']} s, {rec['wire_bytes']} B"
+                    )
     return out
 
 
@@ -263,24 +266,40 @@ def markdown(res: dict[str, Any]) -> str:
     lab = res.get("lab")
     if lab:
         lines += [
-            f"Lab: {lab['scenario']}, realistic image of {lab['size'] >> 20} MiB, "
+            f"Lab: N = {lab['receivers']}, realistic image of {lab['size'] >> 20} MiB, "
             f"{lab['changed_blocks']} data blocks changed ({lab['change']:.0%}) on the delta "
             "targets; sender port shaped to 1 Gbit/s; page cache dropped before each run.",
             "",
-            "| tool | rep | wall s | x full | wire MB | all verified |",
-            "|---|---|---|---|---|---|",
+            "wall: from the sender's start (full, udpcast: receivers already waiting) or from",
+            "the receivers' start (delta: their hashing counts); multicast: the sender's",
+            "transfer start to the last DONE (fleetcast's own timeline).",
+            "",
+            "| scenario | tool | rep | wall s | x full | multicast s | wire MB | verified | load |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
-        full = {r["rep"]: r["wall_s"] for r in lab["runs"] if r["tool"] == "fleetcast"}
+        full = {
+            (r["scenario"], r["rep"]): r["wall_s"] for r in lab["runs"] if r["tool"] == "fleetcast"
+        }
         for r in lab["runs"]:
-            base = full.get(r["rep"])
+            base = full.get((r["scenario"], r["rep"]))
             ratio = f"{r['wall_s'] / base:.3f}" if base and r["wall_s"] else "-"
+            tl = r.get("tool_reports", {}).get("timeline") or {}
+            mc = (
+                tl["completed"] - tl["transfer"] if "completed" in tl and "transfer" in tl else None
+            )
             lines.append(
-                f"| {r['tool']} | {r['rep']} | {r['wall_s']} | {ratio} | "
-                f"{r['wire_bytes'] / 1e6:.1f} | {r['all_expected_verified']} |"
+                f"| {r['scenario']} | {r['tool']} | {r['rep']} | {r['wall_s']:.2f} | {ratio} | "
+                f"{'-' if mc is None else f'{mc:.2f}'} | {r['wire_bytes'] / 1e6:.1f} | "
+                f"{r['all_expected_verified']} | {r['load_1min']} |"
             )
         for r in lab["runs"]:
             if r["tool"] == "fleetcast-delta":
-                lines += ["", f"delta receivers (rep {r['rep']}): {r['tool_reports'].get('delta')}"]
+                rr = r["tool_reports"]
+                lines += [
+                    "",
+                    f"{r['scenario']} delta rep {r['rep']}: timeline {rr.get('timeline')}; "
+                    f"blocks received {rr.get('blocks_received')}; receivers {rr.get('delta')}",
+                ]
         lines.append("")
     for key in ("scan", "journal"):
         if key in res:
@@ -306,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench.delta", description=__doc__.split("\n\n")[0])
     p.add_argument("what", nargs="+", choices=("lab", "scan", "journal"))
     p.add_argument("--size", type=parse_size, default=parse_size("1G"))
-    p.add_argument("--receivers", type=int, default=4)
+    p.add_argument("--receivers", default="4", help="receiver counts, e.g. 1,4")
     p.add_argument("--change", type=float, default=0.05, help="share of data blocks changed")
     p.add_argument("--reps", type=int, default=1)
     p.add_argument("--every", type=int, default=8, help="journal: blocks per durable record")
@@ -314,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=Path, help="work directory to keep (images are reused)")
     p.add_argument("--tag", default="delta")
     a = p.parse_args(argv)
-    res: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    res: dict[str, Any] = {}
     path = RESULTS / f"{a.tag}.json"
     if path.exists():
         res.update(json.loads(path.read_text()))
+    res["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     runners = {"lab": run_lab, "scan": run_scan, "journal": run_journal}
     for what in a.what:
         res[what] = runners[what](a)
