@@ -49,3 +49,4 @@ def test_state_json_carries_phase_spared_and_catch_up_per_machine_and_in_total(a
     page = api.client.get(f"{UI}/sessions/{sid}").text
     assert "1 by catch-up" in page and "spared 1.9 MiB (32%)" in page  # of 3 machines' 6 MiB
     assert "<option>catchup</option>" in page and ">Spared</th>" in page
+    assert "· delta auto ·" in page
