@@ -15,11 +15,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from client.disk import DiskError, Target
-from protocol.codec import BlockError, decode_block
+from protocol.codec import BlockError, decode_block_into
 from protocol.manifest import BlockKind, Manifest
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class BlockPipeline:
             max_workers=workers, thread_name_prefix="fleetcast-write"
         )
         self._failed = False
+        self._local = threading.local()
         self.blocks_written = 0
         self.blocks_refused = 0
 
@@ -116,8 +118,11 @@ class BlockPipeline:
 
     def _work(self, index: int, payload: bytes | bytearray | memoryview) -> str | None:
         m = self.manifest
+        out: bytearray | None = getattr(self._local, "buf", None)
+        if out is None:  # one reused decode buffer per worker thread (no page faults)
+            out = self._local.buf = bytearray(m.block_size)
         try:
-            raw = decode_block(payload, m.block_length(index), m.digest_of(index))
+            raw = decode_block_into(payload, m.block_length(index), m.digest_of(index), out)
         except BlockError as exc:
             return str(exc)
         self.target.write(index * m.block_size, raw)

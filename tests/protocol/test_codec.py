@@ -9,7 +9,14 @@ import threading
 import pytest
 import zstandard
 
-from protocol.codec import BlockError, block_digest, decode_block, encode_block, is_zero
+from protocol.codec import (
+    BlockError,
+    block_digest,
+    decode_block,
+    decode_block_into,
+    encode_block,
+    is_zero,
+)
 
 MIB = 1 << 20
 
@@ -118,3 +125,33 @@ def test_codec_is_safe_to_use_from_many_threads() -> None:
     for t in threads:
         t.join(timeout=60)
     assert not errors
+
+
+def test_decoding_into_a_reused_buffer_gives_each_block_exactly() -> None:
+    out = bytearray(b"\xff" * MIB)  # dirty from an earlier block
+    for raw in (text_block(), os.urandom(MIB), text_block(12345), os.urandom(777)):
+        digest, payload = encode_block(raw, level=1)
+        view = decode_block_into(payload, len(raw), digest, out)
+        assert len(view) == len(raw) and view == raw
+
+
+def test_decoding_into_refuses_what_decode_block_refuses() -> None:
+    raw = text_block()
+    digest, payload = encode_block(raw)
+    out = bytearray(MIB)
+    bad = bytearray(payload)
+    bad[len(bad) // 2] ^= 0x01
+    bomb = zstandard.ZstdCompressor(write_content_size=True).compress(bytes(64 * MIB))
+    no_size = zstandard.ZstdCompressor(write_content_size=False).compress(raw)
+    cases = [
+        (bytes(bad), len(raw), digest, None),
+        (bomb, MIB, block_digest(bytes(MIB)), "declares"),
+        (no_size, len(raw), digest, None),
+        (b"not zstd at all", MIB, digest, "not a zstd frame"),
+        (bytes(MIB + 1), MIB, digest, "longer"),
+        (payload, len(raw), block_digest(b"other"), "hash mismatch"),
+        (payload, 2 * MIB, digest, "buffer"),
+    ]
+    for data, length, want, match in cases:
+        with pytest.raises(BlockError, match=match):
+            decode_block_into(data, length, want, out)
