@@ -242,3 +242,34 @@ def test_agents_re_imaging_v1_disks_with_v2_are_spared_the_blocks_they_hold(
             assert file_sha256(t) == v2.sha256
     finally:
         sl.close()
+
+
+@pytest.mark.slow
+def test_an_agent_restarted_mid_deployment_finishes_with_what_its_disk_kept(
+    server_lab: ServerLab, small_image: BuiltImage, tmp_path: Path
+) -> None:
+    sl = server_lab
+    api = sl.start()
+    node, other = sl.lab.receivers
+    targets = {n.name: tmp_path / f"{n.name}.img" for n in (node, other)}
+    procs = {n.name: sl.agent(n, targets[n.name]) for n in (node, other)}
+    ids = {m["address"]: m["id"] for m in sl.wait_for_machines(2)}
+    mid = ids[node.address]
+    sid = _session(api, small_image.name, list(ids.values()), rate_bps=2_000_000)
+    sl.wait_for(
+        "half the image on the disk",
+        lambda: _row(api, sid, mid)["bytes_done"] >= small_image.manifest.data_bytes() // 3,
+        60,
+    )
+    assert sl.lab.kill(procs[node.name]) == -9  # power lost: the agent never reports
+    again = sl.agent(node, targets[node.name])  # rebooted: same machine, same disk
+    final = sl.wait_for(
+        "the session to end",
+        lambda: (r := _row(api, sid, mid))["session_state"] not in ("pending", "running") and r,
+        120,
+    )
+    assert sl.lab.wait(again, 30) == 0, sl.log(node.name)
+    assert sl.lab.wait(procs[other.name], 30) == 0, sl.log(other.name)
+    assert final["state"] == "succeeded", final
+    assert final["held_blocks"] > 0, final  # the server asked for delta; the disk kept blocks
+    assert file_sha256(targets[node.name]) == small_image.sha256
