@@ -109,7 +109,8 @@ def decode_block_into(
 
     A fresh megabyte per block costs the receiver a page fault per 4 KiB (its big buffers
     are mmapped, so freed blocks go back to the OS); a reused one is mapped and warm. Same
-    checks, same BlockError as ``decode_block``. The view is valid until ``out`` is reused.
+    checks, same BlockError as ``decode_block``. The view is valid until ``out`` is reused
+    (a block stored raw is returned as a view of ``payload`` itself: no copy).
     """
     if len(expected_digest) != HASH_SIZE:
         raise BlockError(f"expected digest of {HASH_SIZE} bytes, got {len(expected_digest)}")
@@ -118,7 +119,7 @@ def decode_block_into(
     view = memoryview(out)[:raw_length]
     n = len(payload)
     if n == raw_length:
-        view[:] = payload
+        view = memoryview(payload)  # stored raw: check and write it where it is
     elif n > raw_length:
         raise BlockError(f"payload of {n} bytes is longer than the {raw_length}-byte block")
     else:
