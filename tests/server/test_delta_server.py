@@ -201,3 +201,40 @@ def test_a_late_machine_that_network_boots_gets_the_client_to_catch_up(api: Api)
         due = decide(d, None, BootRequest(mac), "local", late_window=900.0)
     assert (due.action, due.session_id) == (DEPLOY, sid)
     assert "catch-up" in due.reason
+
+
+def test_schema_0004_gives_existing_images_their_family_and_sessions_delta_auto(
+    database_url: str,
+) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    from server.db import alembic_config, make_engine
+
+    engine = make_engine(database_url)
+    try:
+        cfg = alembic_config(database_url)
+
+        def upgrade(to: str) -> None:
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, to)
+
+        upgrade("0003")
+        with engine.begin() as conn:
+            for i, name in enumerate(("lab/win11/v1", "solo"), 1):
+                conn.execute(
+                    text(
+                        "INSERT INTO image (id, name, digest, image_size, stored_bytes, "
+                        "data_bytes, block_size, block_count, data_blocks, zero_blocks, "
+                        "partition_table, source, created_at) VALUES (:i, :n, '', 1, 1, 1, 1, "
+                        "1, 1, 0, 'none', '{}', CURRENT_TIMESTAMP)"
+                    ),
+                    {"i": i, "n": name},
+                )
+        upgrade("0004")
+        with engine.begin() as conn:
+            rows = conn.execute(text("SELECT name, family FROM image ORDER BY id")).all()
+        assert [tuple(r) for r in rows] == [("lab/win11/v1", "lab/win11"), ("solo", "solo")]
+    finally:
+        engine.dispose()
