@@ -112,11 +112,13 @@ class BlockReceived:
     """Every fragment of data block ``index`` arrived: ``payload`` is its stored form.
 
     The shell decodes and checks it, writes it, then calls ``block_verified`` or
-    ``block_failed``.
+    ``block_failed`` -- and does not touch ``payload`` after that (its buffer is reused).
     """
 
     index: int
-    payload: bytes | bytearray  #: the shell's alone: the session keeps no reference to it
+    #: valid until the shell settles the block (``block_verified`` / ``block_failed``):
+    #: then the session reuses its buffer for a later object
+    payload: bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ from protocol.manifest import Manifest, ManifestError
 from protocol.rangeset import RangeSet
 from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, WireError
 
+#: Settled buffers kept for reuse (each up to a block).
+SPARE_BUFFERS = 8
 #: Object states held in the per-block / per-chunk bytearrays.
 NEEDED, PARTIAL, RECEIVED, VERIFIED, SKIP = 0, 1, 2, 3, 4
 
@@ -27,10 +29,12 @@ class Partial:
 
     __slots__ = ("buf", "count", "fragments", "got", "last_rx", "naked_at", "passed", "size")
 
-    def __init__(self, size: int, fragments: int, now: float) -> None:
+    def __init__(self, size: int, fragments: int, now: float, buf: memoryview) -> None:
         self.size = size
         self.fragments = fragments
-        self.buf = bytearray(size)
+        #: ``size`` bytes, a view of a (maybe recycled, not zeroed) buffer: every byte is
+        #: written by some fragment before the object is complete
+        self.buf = buf
         self.got = bytearray(fragments)
         self.count = 0
         self.last_rx = now
@@ -62,6 +66,9 @@ class Reassembly:
         #: objects in state NEEDED: what STATUS reports missing
         self.needed = RangeSet()
         self.partials: OrderedDict[int, Partial] = OrderedDict()
+        #: buffers of settled objects, reused for new partials (a fresh megabyte costs a
+        #: page fault per 4 KiB: big buffers are mmapped)
+        self._spare: list[bytearray] = []
         self._current = -1
         self._fp = config.fragment_payload
         self._manifest_size = 0
@@ -162,7 +169,7 @@ class Reassembly:
             self.dropped_frags += self.partials[victim].count
             self.partials_dropped += 1
             self.forget(victim)
-        p = Partial(size, -(-size // self._fp), now)
+        p = Partial(size, -(-size // self._fp), now, self._buffer(size))
         self.partials[obj] = p
         self.partial_bytes += size
         states[index] = PARTIAL
@@ -194,6 +201,21 @@ class Reassembly:
         p = self.partials.pop(obj, None)
         if p is not None:
             self.partial_bytes -= p.size
+            self.recycle(p.buf)
+
+    def _buffer(self, size: int) -> memoryview:
+        spare = self._spare
+        while spare:
+            buf = spare.pop()
+            if len(buf) >= size:
+                return memoryview(buf)[:size]
+        return memoryview(bytearray(max(size, min(self._block_size, wire.MAX_OBJECT_SIZE))))[:size]
+
+    def recycle(self, buf: bytes | bytearray | memoryview) -> None:
+        """``buf`` (a Partial's, once nobody uses it any more) may back a new partial."""
+        base = buf.obj if isinstance(buf, memoryview) else buf
+        if isinstance(base, bytearray) and len(self._spare) < SPARE_BUFFERS:
+            self._spare.append(base)
 
     def due_naks(self, now: float, idle: float, repeat: float) -> list[tuple[int, Partial]]:
         """Partial objects to NAK now (§4.3), by object."""
@@ -207,6 +229,7 @@ class Reassembly:
 
     def clear(self) -> None:
         self.partials.clear()
+        self._spare.clear()
         self.partial_bytes = 0
         self.chunk_data.clear()
 

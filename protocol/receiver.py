@@ -127,12 +127,14 @@ class ReceiverSession:
         # object bookkeeping (set up on JOIN_ACK / manifest)
         self.manifest: Manifest | None = None
         self._objs = Reassembly(config)
-        self._early: dict[int, bytes | bytearray] = {}
+        self._early: dict[int, memoryview] = {}
         self._data_total = 0
         self._verified = 0
         self._bytes_done = 0
         #: blocks handed to the shell (BlockReceived) and not settled yet: index -> stored size
         self._handed: dict[int, int] = {}
+        #: their payload buffers, recycled for new partials once settled
+        self._handed_bufs: dict[int, memoryview] = {}
         self._handed_bytes = 0
         self._failures: Counter[int] = Counter()
         # timers; None = not armed
@@ -573,6 +575,7 @@ class ReceiverSession:
         if obj >= MANIFEST_BASE:
             objs.set_state(obj, RECEIVED)
             objs.chunk_data[obj - MANIFEST_BASE] = bytes(p.buf)
+            objs.recycle(p.buf)
             if len(objs.chunk_data) == len(objs.chunk_states):
                 self._manifest_complete(now)
             return
@@ -583,14 +586,17 @@ class ReceiverSession:
         ):
             # The shell is behind: drop, report it as loss, get it again later.
             objs.forget(obj)
+            objs.recycle(p.buf)
             objs.dropped_frags += p.count
             self._counts["backlog_drops"] += 1
             return
         objs.set_state(obj, RECEIVED)
         self._handed[obj] = p.size
+        self._handed_bufs[obj] = p.buf
         self._handed_bytes += p.size
         self._counts["blocks_received"] += 1
-        # p.buf is ours alone now (the partial is gone): hand it over without a copy.
+        # p.buf is ours alone now (the partial is gone): hand it over without a copy; it is
+        # recycled when the shell settles the block (block_verified / block_failed).
         if self.manifest is None:
             self._early[obj] = p.buf
         else:
@@ -628,6 +634,7 @@ class ReceiverSession:
                 continue
             self._counts["early_blocks_invalid"] += 1
             self._handed_bytes -= self._handed.pop(obj, 0)
+            self._objs.recycle(self._handed_bufs.pop(obj, payload))
             if state == RECEIVED:
                 self._objs.forget(obj)
         self._early.clear()
@@ -640,6 +647,9 @@ class ReceiverSession:
         if size is None or self._objs.blocks[index] != RECEIVED:
             raise ValueError(f"block {index} was not handed out by BlockReceived (or was settled)")
         self._handed_bytes -= size
+        buf = self._handed_bufs.pop(index, None)
+        if buf is not None:
+            self._objs.recycle(buf)
 
     def _mark_verified(self, index: int) -> None:
         assert self.manifest is not None

@@ -64,3 +64,41 @@ def test_a_train_and_its_datagrams_one_by_one_end_alike_forged_ones_included() -
     # (the other drop reasons differ only by which of the two closed first)
     for key in ("datagrams", "accepted", "fragments", "duplicates"):
         assert a[key] == b[key], key
+
+
+def test_a_handed_out_payload_stays_intact_until_settled_then_its_buffer_is_reused() -> None:
+    image = make_image(random.Random(42), blocks=8)
+    config = EngineConfig(auto_rate=False)
+    sender = SenderSession(
+        session_id=SESSION_ID,
+        key=KEY,
+        manifest_bytes=image.manifest_bytes,
+        read_block=image.stored.__getitem__,
+        config=config,
+        now=0.0,
+        rng=random.Random(1),
+    )
+    r = ReceiverSession(key=KEY, config=config, now=0.0, rng=random.Random(2))
+    held: list[ev.BlockReceived] = []
+    now = 0.0
+    for _ in range(400):
+        now += 0.001
+        for t in sender.datagrams_to_send(now):
+            r.receive_datagrams(memoryview(t.data), t.segment_size, SENDER, now)
+        for t in r.datagrams_to_send(now):
+            sender.receive_datagram(t.data, ("10.0.0.2", 9000), now)
+        r.handle_timer(now)
+        sender.handle_timer(now)
+        while (e := r.next_event()) is not None:
+            if isinstance(e, ev.BlockReceived):
+                held.append(e)
+        if len(held) == len(image.stored):
+            break
+    # nothing settled yet: every payload is still exactly its block, whatever came after
+    assert sorted(e.index for e in held) == sorted(image.stored)
+    for e in held:
+        assert bytes(e.payload) == image.stored[e.index]
+    first = held[0]
+    r.block_verified(first.index, now)  # settled: its buffer may now back a new partial
+    spare = r._objs._spare
+    assert spare and spare[-1] is first.payload.obj  # type: ignore[union-attr]
