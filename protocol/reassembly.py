@@ -204,18 +204,29 @@ class Reassembly:
             self.recycle(p.buf)
 
     def _buffer(self, size: int) -> memoryview:
+        """A spare buffer that holds ``size`` bytes (the smallest such), else a new one."""
         spare = self._spare
-        while spare:
-            buf = spare.pop()
-            if len(buf) >= size:
-                return memoryview(buf)[:size]
-        return memoryview(bytearray(max(size, min(self._block_size, wire.MAX_OBJECT_SIZE))))[:size]
+        best = -1
+        for i, buf in enumerate(spare):
+            if len(buf) >= size and (best < 0 or len(buf) < len(spare[best])):
+                best = i
+        if best >= 0:
+            return memoryview(spare.pop(best))[:size]
+        return memoryview(bytearray(size))
 
     def recycle(self, buf: bytes | bytearray | memoryview) -> None:
-        """``buf`` (a Partial's, once nobody uses it any more) may back a new partial."""
+        """``buf`` (a Partial's, once nobody uses it any more) may back a new partial; the
+        largest SPARE_BUFFERS are kept."""
         base = buf.obj if isinstance(buf, memoryview) else buf
-        if isinstance(base, bytearray) and len(self._spare) < SPARE_BUFFERS:
-            self._spare.append(base)
+        if not isinstance(base, bytearray):
+            return
+        spare = self._spare
+        if len(spare) < SPARE_BUFFERS:
+            spare.append(base)
+            return
+        smallest = min(range(len(spare)), key=lambda i: len(spare[i]))
+        if len(spare[smallest]) < len(base):
+            spare[smallest] = base
 
     def due_naks(self, now: float, idle: float, repeat: float) -> list[tuple[int, Partial]]:
         """Partial objects to NAK now (§4.3), by object."""
