@@ -52,9 +52,10 @@ async def deploy(
     holding: DiskHolding | None = None
     receiver: Receiver | None = None
     if job.get("delta") and manifest is not None:
-        holding, failed = await _hash(agent, session_id, manifest)
+        holding, failed = await _hash(agent, session_id, manifest, None)
         if failed is not None:
             return failed, None
+    spared = _held(holding)  # what the disk held before anything was transferred
     if str(job.get("mode") or "multicast") != "catchup":
         receiver = Receiver(
             key=bytes.fromhex(str(job["key"])),
@@ -65,17 +66,17 @@ async def deploy(
             progress=reporter,
             holding=holding,
         )
-        agent.phase_fields = {"phase": "multicast", **_held(holding)}
+        agent.phase_fields = {"phase": "multicast", **spared}
         outcome = await agent._receive(session_id, receiver, reporter)
-        outcome.stats.update({"via": "multicast", **_held(holding)})
+        outcome.stats.update({"via": "multicast", **spared})
         if outcome.result != EVICTED or manifest is None:
             return outcome, receiver
         log.warning("session %d: evicted (%s); finishing by catch-up", session_id, outcome.reason)
-        holding, failed = await _hash(agent, session_id, manifest)  # what the receive wrote
+        holding, failed = await _hash(agent, session_id, manifest, spared)  # + what it wrote
         if failed is not None:
             return failed, receiver
     assert manifest is not None
-    outcome = await asyncio.to_thread(_catch_up, agent, session_id, manifest, holding)
+    outcome = await asyncio.to_thread(_catch_up, agent, session_id, manifest, holding, spared)
     return outcome, receiver
 
 
@@ -86,9 +87,12 @@ def _held(holding: DiskHolding | None) -> dict[str, int]:
 
 
 async def _hash(
-    agent: Agent, session_id: int, manifest: Manifest
+    agent: Agent, session_id: int, manifest: Manifest, spared: dict[str, int] | None
 ) -> tuple[DiskHolding | None, Outcome | None]:
-    """Scan the target (phase "hashing"); (holding, None), or (None, a failed outcome)."""
+    """Scan the target (phase "hashing"); (holding, None), or (None, a failed outcome).
+
+    Progress reports say ``spared`` as held, or what this scan found when None.
+    """
     total = manifest.image_size - manifest.count(BlockKind.UNUSED) * manifest.block_size
     post = _Poster(agent, session_id, "hashing", total)
     try:
@@ -106,7 +110,7 @@ async def _hash(
         holding.zero_blocks,
         holding.summary()["scan_mb_s"],
     )
-    post.held = _held(holding)
+    post.held = _held(holding) if spared is None else spared
     try:
         await asyncio.to_thread(post.send, holding.scanned_bytes, 0, True)
     except Cancelled as exc:
@@ -117,15 +121,22 @@ async def _hash(
 
 
 def _catch_up(
-    agent: Agent, session_id: int, manifest: Manifest, holding: DiskHolding | None
+    agent: Agent,
+    session_id: int,
+    manifest: Manifest,
+    holding: DiskHolding | None,
+    spared: dict[str, int],
 ) -> Outcome:
-    """Fetch every DATA block not held over HTTP; the outcome, reported ``via: catchup``."""
+    """Fetch every DATA block not held over HTTP; the outcome, reported ``via: catchup``.
+
+    ``spared``: the held counters to report (what the disk had before any transfer).
+    """
     assert agent.api is not None
     holding = holding or DiskHolding.nothing(manifest)
     data_blocks, data_bytes = manifest.count(BlockKind.DATA), manifest.data_bytes()
     post = _Poster(agent, session_id, "catchup", data_bytes)
-    post.held = _held(holding)
-    stats: dict[str, Any] = {"via": "catchup", **_held(holding), **holding.summary()}
+    post.held = spared
+    stats: dict[str, Any] = {**holding.summary(), "via": "catchup", **spared}
     try:
         target = Target.open(agent.options.target, manifest.image_size)
     except TargetError as exc:
