@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from client.delta import DiskHolding, ScanError, scan_disk
+from client.delta import DiskHolding, ScanError, receive_holding, scan_disk
 from protocol.codec import encode_block
 from protocol.manifest import BlockKind, Manifest
 
@@ -150,3 +150,44 @@ def test_nothing_is_a_blank_holding(image: tuple[Manifest, bytes]) -> None:
     h = DiskHolding.nothing(m)
     assert h.missing_data() == [i for i in range(m.block_count) if m.kinds[i] == BlockKind.DATA]
     assert h.summary()["held_blocks"] == 0
+
+
+# -- fleetcast receive --delta MODE --manifest FILE ---------------------------------------
+
+
+def test_receive_delta_modes(tmp_path: Path, image: tuple[Manifest, bytes]) -> None:
+    m, raw = image
+    mfile = tmp_path / "image.json"
+    mfile.write_bytes(m.to_bytes())
+    disk, blank = tmp_path / "disk", tmp_path / "blank"
+    disk.write_bytes(raw)
+    blank.touch()
+    lines: list[str] = []
+    assert receive_holding(str(disk), str(mfile), "never") is None
+    assert receive_holding(str(disk), None, "auto") is None  # no manifest: a full receive
+    assert receive_holding(str(blank), str(mfile), "auto") is None  # nothing there to spare
+    held = receive_holding(str(disk), str(mfile), "auto", say=lines.append)
+    assert held is not None and held.missing_data() == []
+    assert lines and f"holds {held.data_blocks} of {held.data_blocks} data blocks" in lines[0]
+    forced = receive_holding(str(blank), str(mfile), "always")
+    assert forced is not None and forced.data_blocks == 0
+
+
+def test_receive_delta_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(ScanError, match="--delta always needs the image's manifest"):
+        receive_holding(str(tmp_path / "disk"), None, "always")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ScanError, match="is not a fleetcast manifest"):
+        receive_holding(str(tmp_path / "disk"), str(bad), "always")
+    with pytest.raises(ScanError, match="cannot read manifest file"):
+        receive_holding(str(tmp_path / "disk"), str(tmp_path / "absent.json"), "always")
+
+
+def test_a_holding_refuses_another_images_manifest(image: tuple[Manifest, bytes]) -> None:
+    m, _ = image
+    h = DiskHolding.nothing(m)
+    assert h.mismatch(m.to_bytes()) == ""
+    other = Manifest.from_bytes(m.to_bytes())
+    other.created = "another day"
+    assert "not the one the target was checked against" in h.mismatch(other.to_bytes())
