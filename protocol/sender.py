@@ -233,6 +233,10 @@ class SenderSession:
         self._now = now
         self._poll(now)
 
+    def member(self, receiver_id: int) -> Member | None:
+        """What the session knows about a receiver (for diagnostics), or None."""
+        return self._members.get(receiver_id)
+
     def next_event(self) -> Event | None:
         """The oldest event not yet taken, or None."""
         return self._events.popleft() if self._events else None

@@ -152,6 +152,7 @@ def _write_stats(path: Path, report: SendReport) -> None:
         "wire": report.wire,
         "session": report.session,
         "timeline": report.timeline,
+        "rates": report.rates,
     }
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))

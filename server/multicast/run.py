@@ -27,6 +27,8 @@ from server.multicast.sender import SenderTransport, open_sender_socket
 
 log = logging.getLogger(__name__)
 
+#: Rate changes kept in SendReport.rates.
+MAX_RATE_POINTS = 2000
 #: After close()/the end, wait at most this long for the session's linger to finish.
 END_GRACE = 10.0
 
@@ -83,6 +85,9 @@ class SendReport:
     #: "run" (the session started), "transfer" (the start rule fired), "joined:ID",
     #: "completed:ID", "ended" -- where a transfer's time goes (bench/compare.py)
     timeline: dict[str, float] = field(default_factory=dict)
+    #: (time.monotonic(), rate in bit/s, receiver id, its loss, lag s, read bit/s) at each
+    #: STATUS that found the pacer at a new rate: how auto mode moved (bounded)
+    rates: list[tuple[float, int, str, float, float, int]] = field(default_factory=list)
 
     def count(self, state: str) -> int:
         """How many receivers ended in ``state``."""
@@ -201,6 +206,12 @@ class SessionRunner:
 
     def _progress(self, event: ev.ReceiverProgress) -> None:
         rec = self._record(event)
+        rate = self.session.rate_bps or 0
+        rates = self.report.rates
+        if (not rates or rates[-1][1] != rate) and len(rates) < MAX_RATE_POINTS:
+            m = self.session.member(event.receiver_id)
+            lag, read = (m.lag, m.rx_bps) if m is not None else (0.0, 0)
+            rates.append((time.monotonic(), rate, f"{rec.receiver_id:08x}", event.loss, lag, read))
         rec.done_bytes = event.bytes_done
         rec.blocks_done, rec.blocks_total = event.blocks_done, event.blocks_total
         rec.loss, rec.naks = event.loss, event.naks
