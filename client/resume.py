@@ -95,10 +95,19 @@ async def _hash(
     """
     total = manifest.image_size - manifest.count(BlockKind.UNUSED) * manifest.block_size
     post = _Poster(agent, session_id, "hashing", total)
-    try:
-        holding = await asyncio.to_thread(
-            scan_disk, agent.options.target, manifest, progress=post.scanned
+    post.held = {} if spared is None else spared
+    scanned = [0]  # the scan's threads note progress here; never wait on HTTP themselves
+    scan = asyncio.get_running_loop().create_task(
+        asyncio.to_thread(
+            scan_disk, agent.options.target, manifest, progress=lambda n: scanned.__setitem__(0, n)
         )
+    )
+    while not scan.done():
+        await asyncio.wait({scan}, timeout=max(agent.progress_interval, 0.2))
+        if not scan.done() and not post.cancelled:
+            await asyncio.to_thread(post.scanned, scanned[0])
+    try:
+        holding = scan.result()
     except ScanError as exc:
         return None, Outcome(FAILED, str(exc), manifest, {"via": "multicast"})
     log.info(
@@ -183,7 +192,7 @@ class _Poster:
         self._started = time.monotonic()
 
     def scanned(self, done: int) -> None:
-        """From the scan's threads: a cancel is noted, and acted on when the scan ends."""
+        """While hashing: a cancel is noted, and acted on when the scan ends."""
         try:
             self.send(done, 0, False)
         except Cancelled as exc:
