@@ -230,10 +230,15 @@ def deploy(params: BootParams, sys_block: Path = Path("/sys/block")) -> bool:
         refuse(agent, params.session, str(exc))
         return False
     agent.options.target = f"/dev/{disk.name}"
-    say(f"target disk {disk.describe()}; waiting for the deployment")
+    say(f"target disk {disk.describe()}; waiting for a deployment or capture")
     verdict = asyncio.run(agent.run_once())
     ok = verdict.get("state") == "succeeded"
-    say(f"deployment {verdict.get('state')}: {verdict.get('reason') or 'all blocks verified'}")
+    what, done = (
+        ("capture", "image stored and verified")
+        if verdict.get("kind") == "capture"
+        else ("deployment", "all blocks verified")
+    )
+    say(f"{what} {verdict.get('state')}: {verdict.get('reason') or done}")
     return ok
 
 
