@@ -280,6 +280,9 @@ def _watch(tool: Tool, ctx: RunContext, poller: Poller, timeout: float) -> float
         if ctx.scenario.fault == "kill" and killed_at is None and tool.progress(ctx, 0) >= 0.5:
             killed_at = time.monotonic() - poller.t0
             poller.stop("r0", signal.SIGKILL)
+            # r0 is done (dead): without this the loop waited for it until --timeout, and
+            # every kill run took that long (its figures were right, its duration not)
+            poller.mark("r0")
         receivers_done = all(f"r{i}" in poller.at for i in range(n))
         if receivers_done and (tool.sender_is_server or poller.poll("sender")):
             break
@@ -329,7 +332,7 @@ def _record(
         "load_1min": round(load, 2),
         "wall_s": _max_at(expected),
         "others_s": _max_at([r for r in expected if not r["faulted"]]),
-        "faulted_s": receivers[0]["at"] if sc.fault else None,
+        "faulted_s": receivers[0]["at"] if sc.fault and sc.fault != "kill" else None,
         "killed_at_s": killed_at,
         "first_data_s": poller.at.get("first_data"),
         "all_expected_verified": ok,
