@@ -43,8 +43,8 @@ class EngineConfig:
     """How often auto mode adjusts the rate."""
 
     rate_increase: float = 0.25
-    """Auto mode, before the first cut: fraction of the current rate added per rate_interval
-    without loss or lag (a tenth of it after a cut)."""
+    """Auto mode, until the first loss cut: fraction of the current rate added per
+    rate_interval without loss or lag (a tenth of it after a loss cut; a lag cut keeps it)."""
 
     rate_decrease: float = 0.7
     """Auto mode: largest factor applied to the rate when loss exceeds loss_threshold (a
