@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from client.disk import device_in_use
 from client.upload import CaptureApi, UploadError
-from imaging.walk import BlockWalker, ShortRead, analyse, new_manifest
+from imaging.walk import BlockWalker, DiskFile, ShortRead, analyse, new_manifest
 from protocol.codec import MAX_LEVEL, MIN_LEVEL, block_digest, compress_block
 from protocol.manifest import DEFAULT_BLOCK_SIZE, Manifest, ManifestError
 
@@ -93,27 +93,6 @@ class CaptureJob:
         if not MIN_LEVEL <= made.level <= MAX_LEVEL:
             raise CaptureFailed(f"zstd level {made.level} is not {MIN_LEVEL}..{MAX_LEVEL}")
         return made
-
-
-@dataclass(frozen=True)
-class DiskFile:
-    """The disk to capture, open read-only (imaging.walk.DiskSource)."""
-
-    path: Path
-    fd: int
-    size: int
-    is_block: bool
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
-
-    def describe(self) -> dict[str, object]:
-        """As the server's capture describes its source, so manifests compare equal."""
-        return {
-            "path": str(self.path.resolve()),
-            "kind": "block device" if self.is_block else "raw file",
-            "size": self.size,
-        }
 
 
 @contextlib.contextmanager

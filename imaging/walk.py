@@ -16,6 +16,7 @@ import hashlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -48,6 +49,27 @@ class DiskSource(Protocol):
     def is_block(self) -> bool: ...
     def read_at(self, offset: int, length: int) -> bytes: ...
     def describe(self) -> dict[str, object]: ...
+
+
+@dataclass(frozen=True)
+class DiskFile:
+    """A DiskSource over an open descriptor. Both captures describe their source with it, so
+    the same disk gives the same manifest on either side (``describe`` is in the manifest)."""
+
+    path: Path
+    fd: int
+    size: int
+    is_block: bool
+
+    def read_at(self, offset: int, length: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "path": str(self.path.resolve()),
+            "kind": "block device" if self.is_block else "raw file",
+            "size": self.size,
+        }
 
 
 class ShortRead(Exception):

@@ -12,8 +12,9 @@ import contextlib
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from imaging.walk import DiskFile as Source
 
 SECTOR = 512
 _FORMAT_MAGIC = {b"QFI\xfb": "qcow2", b"KDMV": "vmdk", b"vhdxfile": "vhdx", b"conectix": "vhd"}
@@ -21,24 +22,6 @@ _FORMAT_MAGIC = {b"QFI\xfb": "qcow2", b"KDMV": "vmdk", b"vhdxfile": "vhdx", b"co
 
 class SourceError(Exception):
     """The capture source cannot be used; the message says why and what to do."""
-
-
-@dataclass(frozen=True)
-class Source:
-    path: Path
-    fd: int
-    size: int
-    is_block: bool
-
-    def read_at(self, offset: int, length: int) -> bytes:
-        return os.pread(self.fd, length, offset)
-
-    def describe(self) -> dict[str, object]:
-        return {
-            "path": str(self.path.resolve()),
-            "kind": "block device" if self.is_block else "raw file",
-            "size": self.size,
-        }
 
 
 @contextlib.contextmanager
