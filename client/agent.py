@@ -5,7 +5,8 @@
 1. register: POST /api/agent/register with this machine's MACs and hardware inventory,
    authenticated by the enrollment token; the server answers with this machine's own
    credential, used from then on (so one machine cannot report for another);
-2. poll GET /api/agent/assignment until a session is assigned (group, port, key, manifest);
+2. ask GET /api/agent/assignment?wait=20 (a long poll) until a session is assigned (group,
+   port, key, manifest);
 3. run the same receive path as ``fleetcast receive`` (client.receive.Receiver) onto the
    target, sending batched progress at most every ``progress_interval`` seconds (the server
    says how often) from a worker thread, so the receive loop never waits on HTTP; a reply
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 SIOCGIFADDR = 0x8915
 HTTP_TIMEOUT = 15.0
+#: Seconds the server may hold an assignment request (long poll; the server allows 25).
+LONG_POLL = 20.0
 #: Transient HTTP failures are retried this many times, with growing pauses.
 RETRIES = 5
 #: How often the agent looks whether the transfer has started, to report it at once.
@@ -74,8 +77,11 @@ class ServerApi:
         self.base = base.rstrip("/")
         self.token = token
 
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """(status, JSON reply); retries connection failures and 5xx; raises AgentError."""
+    def call(
+        self, method: str, path: str, body: Any = None, timeout: float = HTTP_TIMEOUT
+    ) -> tuple[int, Any]:
+        """(status, JSON reply); retries connection failures and 5xx; raises AgentError.
+        ``timeout``: seconds each attempt may take (a long poll asks for more)."""
         data = None if body is None else json.dumps(body).encode()
         last = ""
         for attempt in range(RETRIES + 1):
@@ -84,7 +90,7 @@ class ServerApi:
             if data is not None:
                 req.add_header("Content-Type", "application/json")
             try:
-                with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as resp:
+                with urllib.request.urlopen(req, timeout=timeout) as resp:
                     return resp.status, _json(resp.read())
             except urllib.error.HTTPError as exc:
                 payload = _json(exc.read())
@@ -95,6 +101,16 @@ class ServerApi:
                 last = str(getattr(exc, "reason", exc))
             time.sleep(min(0.5 * 2**attempt, 5.0))
         raise AgentError(f"server {self.base} unreachable for {method} {path}: {last}")
+
+
+def _poll_pause(reply: dict[str, Any], asked: float, took: float, poll: float) -> float:
+    """Seconds to pause after an empty assignment answer: none when the server held the
+    request (``retry_after`` 0 after at least half the ``asked`` wait), else the old
+    server's ``retry_after`` or ``poll``, whichever is longer."""
+    retry_after = float(reply.get("retry_after") or 0)
+    if retry_after <= 0 and asked > 0 and took >= asked / 2:
+        return 0.0
+    return max(retry_after, poll)
 
 
 def _json(raw: bytes) -> Any:
@@ -281,18 +297,30 @@ class Agent:
         return self.machine_id
 
     def wait_assignment(self) -> dict[str, Any]:
-        """Poll until a session is assigned; raises AgentError after ``options.wait``."""
+        """Ask until a session is assigned; raises AgentError after ``options.wait``.
+
+        Each request is a long poll (``?wait=``, at most LONG_POLL s, never past the
+        deadline): the server answers as soon as a session is assigned. An empty answer with
+        ``retry_after`` 0 after the server waited: ask again at once; otherwise (a server
+        without the long poll) pause ``max(retry_after, options.poll)``."""
         assert self.api is not None
         deadline = None if self.options.wait is None else time.monotonic() + self.options.wait
         while True:
-            status, reply = self.api.call("GET", "/api/agent/assignment")
+            ask = LONG_POLL if deadline is None else min(LONG_POLL, deadline - time.monotonic())
+            ask = max(round(ask, 2), 0.0)
+            started = time.monotonic()
+            status, reply = self.api.call(
+                "GET", f"/api/agent/assignment?wait={ask:.2f}", timeout=ask + HTTP_TIMEOUT
+            )
             if status != 200:
                 raise AgentError(f"assignment refused (HTTP {status}): {_detail(reply)}")
             if reply.get("session_id"):
                 return dict(reply)
-            if deadline is not None and time.monotonic() >= deadline:
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
                 raise AgentError(f"no session assigned within {self.options.wait:g} s")
-            time.sleep(max(float(reply.get("retry_after") or 0), self.options.poll))
+            pause = _poll_pause(reply, ask, now - started, self.options.poll)
+            time.sleep(pause if deadline is None else min(pause, deadline - now))
 
     async def run_once(self) -> dict[str, Any]:
         """Wait for an assignment, receive it, report; returns the server's verdict."""

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from sqlmodel import Session as DbSession
 
@@ -46,8 +47,9 @@ def server_main(argv: Sequence[str]) -> int:
     from server.main import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         log_level=args.log_level,
         timeout_graceful_shutdown=20,
         timeout_keep_alive=30,  # clients (dashboards, bench) reuse connections
@@ -58,7 +60,7 @@ def server_main(argv: Sequence[str]) -> int:
         print(f"fleetcast server: cannot listen: {exc}", file=sys.stderr)
         return 1
     try:
-        asyncio.run(uvicorn.Server(config).serve(sockets=sockets))
+        asyncio.run(_server(config, app.state).serve(sockets=sockets))
     finally:
         for sock in sockets:
             sock.close()
@@ -66,6 +68,22 @@ def server_main(argv: Sequence[str]) -> int:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(args.uds)
     return 0
+
+
+def _server(config: Any, state: Any) -> Any:
+    """A uvicorn Server that, when stopping, first answers the agents' waiting assignment
+    requests (long polls of up to 25 s), which it would otherwise wait for before the app's
+    lifespan ends (up to timeout_graceful_shutdown)."""
+    import uvicorn
+
+    from server.services.assignwait import close_waits
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            close_waits(state)
+            await super().shutdown(sockets)
+
+    return Server(config)
 
 
 def _listen(host: str, port: int, uds: str | None) -> list[socket.socket]:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from sqlmodel import select
 
 from server.api.deps import (
@@ -17,10 +18,9 @@ from server.api.deps import (
     DbDep,
     Id,
     MachineDep,
-    ManagerDep,
     MetricsDep,
     SettingsDep,
-    StoreDep,
+    require_machine,
 )
 from server.db import db_session
 from server.models import (
@@ -35,6 +35,7 @@ from server.models import (
 from server.security import MACHINE_PREFIX, new_token, same_secret, token_hash
 from server.services import sessions as svc
 from server.services.agentcache import AgentCache
+from server.services.assignwait import MAX_WAIT, waits_for
 from server.services.blocks import BlockReader, RangeNotSatisfiable, WouldBlock, reader_for
 from server.services.delta import progress_fields, progress_target
 from server.services.errors import Forbidden, Unauthorized
@@ -75,21 +76,50 @@ def register(
 
 
 @router.get("/assignment", response_model=Assignment)
-def get_assignment(
-    who: MachineDep,
-    db: DbDep,
-    store: StoreDep,
-    settings: SettingsDep,
-    bus: BusDep,
-    manager: ManagerDep,
+async def get_assignment(
+    request: Request,
+    creds: BearerDep,
+    wait: Annotated[
+        float,
+        Query(
+            ge=0,
+            le=MAX_WAIT,
+            allow_inf_nan=False,
+            description="seconds to wait for an assignment when there is none yet (long poll; "
+            "0 = answer at once)",
+        ),
+    ] = 0.0,
 ) -> Assignment:
-    """The session this machine is to receive now (empty ``session_id``: poll again)."""
-    reopened: list[int] = []
-    a = svc.assignment(db, store, who.machine_id or 0, settings, bus, reopened)
-    if reopened:  # a late machine reopened an ended session: settle it again (issue 9)
-        db.commit()
-        manager.watch_catchup(reopened[0])
-    return a
+    """The session this machine is to receive now (empty ``session_id``: ask again after
+    ``retry_after`` seconds). With ``wait``, an empty answer comes only after up to ``wait``
+    seconds without one (services/assignwait.py), with ``retry_after`` 0."""
+    waits = waits_for(request.app.state) if wait > 0 else None
+    since = waits.events if waits is not None else 0
+    machine_id, found = await asyncio.to_thread(_look_assignment, request, creds, None)
+    if waits is None or found.session_id is not None:
+        return found
+
+    async def look() -> Assignment:
+        return (await asyncio.to_thread(_look_assignment, request, creds, machine_id))[1]
+
+    return await waits.wait(machine_id, wait, look, since)
+
+
+def _look_assignment(
+    request: Request, creds: HTTPAuthorizationCredentials | None, machine_id: int | None
+) -> tuple[int, Assignment]:
+    """One look, in its own database session (nothing is held between looks); checks the
+    credential first when ``machine_id`` is not known yet."""
+    state = request.app.state
+    with db_session(state.engine) as db:
+        if machine_id is None:
+            machine_id = require_machine(db, creds).machine_id or 0
+        reopened: list[int] = []
+        a = svc.assignment(db, state.store, machine_id, state.settings, state.bus, reopened)
+        if reopened:  # a late machine reopened an ended session: settle it again (issue 9)
+            db.commit()
+            state.manager.watch_catchup(reopened[0])
+    return machine_id, a
 
 
 def _resolve_machine(request: Request, token: str) -> int:
