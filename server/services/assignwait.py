@@ -70,8 +70,10 @@ class AssignmentWaits:
             for changed in waiters:
                 changed.set()
 
-    def waiting(self) -> int:
-        """How many requests wait now."""
+    def waiting(self, machine_id: int | None = None) -> int:
+        """How many requests wait now (for ``machine_id``, or in all)."""
+        if machine_id is not None:
+            return len(self._waiters.get(machine_id, ()))
         return sum(len(w) for w in self._waiters.values())
 
     async def wait(self, machine_id: int, seconds: float, look: Look, since: int) -> Assignment:

@@ -45,7 +45,7 @@ class LongPoll(threading.Thread):
         """Return once the request waits on the server (bounded)."""
         waits = waits_for(self.api.client.app.state)  # type: ignore[attr-defined]
         deadline = time.monotonic() + 10
-        while machine_id not in waits._waiters:
+        while not waits.waiting(machine_id):
             assert self.is_alive() and time.monotonic() < deadline, "the request did not wait"
             time.sleep(0.01)
 
