@@ -167,7 +167,8 @@ def agent_main(argv: Sequence[str]) -> int:
         type=float,
         default=2.0,
         metavar="S",
-        help="seconds between assignment polls (default 2)",
+        help="least seconds between assignment requests when the server did not hold one open "
+        "(servers long-poll: an agent learns of a new session at once)",
     )
     parser.add_argument(
         "--loop",
