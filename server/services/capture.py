@@ -141,13 +141,7 @@ def create_capture(
 
 
 def _check_free(db: DbSession, machine_id: int, name: str) -> None:
-    busy = db.exec(
-        select(SessionMachine, Session)
-        .join(Session, col(Session.id) == SessionMachine.session_id)
-        .where(SessionMachine.machine_id == machine_id)
-        .where(col(Session.state).in_(SESSION_ACTIVE))
-        .where(col(SessionMachine.state).in_(MACHINE_ACTIVE))
-    ).first()
+    busy = svc.busy_target(db, [machine_id])
     if busy is not None:
         raise Conflict(
             f"machine {machine_id} is already a target of active session {busy[1].id}; "

@@ -116,6 +116,18 @@ def list_sessions(
 # -- creating and steering ----------------------------------------------------------------
 
 
+def busy_target(db: DbSession, machine_ids: list[int]) -> tuple[SessionMachine, Session] | None:
+    """The first of ``machine_ids`` still an active target of an active session, with it."""
+    row = db.exec(
+        select(SessionMachine, Session)
+        .join(Session, col(Session.id) == SessionMachine.session_id)
+        .where(col(SessionMachine.machine_id).in_(machine_ids))
+        .where(col(Session.state).in_(SESSION_ACTIVE))
+        .where(col(SessionMachine.state).in_(MACHINE_ACTIVE))
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
 def create_session(
     db: DbSession,
     bus: EventBus | None,
@@ -141,13 +153,7 @@ def create_session(
             targets.append(mid)
     if not targets:
         raise Invalid("the session has no target machines: give a non-empty group or machine_ids")
-    busy = db.exec(
-        select(SessionMachine, Session)
-        .join(Session, col(Session.id) == SessionMachine.session_id)
-        .where(col(SessionMachine.machine_id).in_(targets))
-        .where(col(Session.state).in_(SESSION_ACTIVE))
-        .where(col(SessionMachine.state).in_(MACHINE_ACTIVE))
-    ).first()
+    busy = busy_target(db, targets)
     if busy is not None:
         raise Conflict(
             f"machine {busy[0].machine_id} is already a target of active session {busy[1].id}; "
