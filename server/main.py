@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 
 from fleetcast import __version__
 from server.api.routes import (
@@ -144,6 +144,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(boot.router)
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(IntegrityError, _integrity_error)
+    app.add_exception_handler(DataError, _data_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     install_dashboard(app, _service_error)  # the web pages under /ui (issue 6)
     return app
@@ -159,6 +160,17 @@ async def _integrity_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         {"detail": "the change clashes with existing data (a duplicate or a missing reference)"},
         status_code=409,
+    )
+
+
+async def _data_error(_request: Request, exc: Exception) -> JSONResponse:
+    """The database refused a value as data (PostgreSQL: a NUL in text, a number out of its
+    column's range): the request was bad, nothing was written (the transaction rolls back)."""
+    assert isinstance(exc, DataError)
+    reason = str(exc.orig).splitlines()[0] if exc.orig is not None else "invalid value"
+    return JSONResponse(
+        {"detail": f"the request holds a value the database cannot store: {reason}"},
+        status_code=400,
     )
 
 
