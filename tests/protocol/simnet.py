@@ -62,6 +62,21 @@ class Image:
         return sum(len(v) for v in self.stored.values())
 
 
+def make_sender(image: Image, config: EngineConfig, **kw: Any) -> SenderSession:
+    """A sender of ``image`` at time 0 (seeded rng 1), outside a SimNet: for tests that
+    hand datagrams between sessions themselves. ``kw`` goes to SenderSession."""
+    kw.setdefault("rng", random.Random(1))
+    return SenderSession(
+        session_id=SESSION_ID,
+        key=KEY,
+        manifest_bytes=image.manifest_bytes,
+        read_block=image.stored.__getitem__,
+        config=config,
+        now=0.0,
+        **kw,
+    )
+
+
 def make_image(
     rng: random.Random, blocks: int = 6, block_size: int = 64 << 10, last_short: bool = True
 ) -> Image:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import random
 
 import pytest
-from simnet import KEY, SESSION_ID, Link, SimNet, make_image
+from simnet import KEY, SESSION_ID, Link, SimNet, make_image, make_sender
 
 from protocol import events as ev
 from protocol import wire
 from protocol.config import EngineConfig
 from protocol.receiver import ReceiverSession
-from protocol.sender import SenderSession, SenderState
+from protocol.sender import SenderState
 
 
 def _no_internal_errors(net: SimNet) -> None:
@@ -473,16 +473,7 @@ def test_receivers_reading_late_get_no_duplicates(lag: float) -> None:
 def test_the_transfer_starts_on_the_join_that_completes_the_group_not_a_poll_later() -> None:
     image = make_image(random.Random(31), blocks=4)
     config = EngineConfig()
-    sender = SenderSession(
-        session_id=SESSION_ID,
-        key=KEY,
-        manifest_bytes=image.manifest_bytes,
-        read_block=image.stored.__getitem__,
-        config=config,
-        now=0.0,
-        rng=random.Random(1),
-        min_receivers=1,
-    )
+    sender = make_sender(image, config, min_receivers=1)
     receiver = ReceiverSession(key=KEY, config=config, now=0.0, rng=random.Random(2))
     for t in sender.datagrams_to_send(0.0):  # the first ANNOUNCE
         receiver.receive_datagram(t.data, ("10.0.0.1", 9000), 0.0)
@@ -500,15 +491,7 @@ def test_when_the_sweep_runs_dry_an_announce_follows_at_once() -> None:
     # seq; the periodic ANNOUNCE (0.5 s) would make every tail loss cost that long.
     image = make_image(random.Random(32), blocks=3)
     config = EngineConfig(auto_rate=False)
-    sender = SenderSession(
-        session_id=SESSION_ID,
-        key=KEY,
-        manifest_bytes=image.manifest_bytes,
-        read_block=image.stored.__getitem__,
-        config=config,
-        now=0.0,
-        rng=random.Random(1),
-    )
+    sender = make_sender(image, config)
     receiver = ReceiverSession(key=KEY, config=config, now=0.0, rng=random.Random(2))
     for t in sender.datagrams_to_send(0.0):
         receiver.receive_datagram(t.data, ("10.0.0.1", 9000), 0.0)

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import random
 
-from simnet import KEY, SESSION_ID, make_image
+from simnet import KEY, make_image, make_sender
 
 from protocol import events as ev
 from protocol.config import EngineConfig
 from protocol.receiver import ReceiverSession
-from protocol.sender import SenderSession
 
 SENDER = ("10.0.0.1", 9000)
 
@@ -21,16 +20,7 @@ def _split(data: bytes, seg: int) -> list[bytes]:
 def test_a_train_and_its_datagrams_one_by_one_end_alike_forged_ones_included() -> None:
     image = make_image(random.Random(41), blocks=8)
     config = EngineConfig(auto_rate=False)
-    sender = SenderSession(
-        session_id=SESSION_ID,
-        key=KEY,
-        manifest_bytes=image.manifest_bytes,
-        read_block=image.stored.__getitem__,
-        config=config,
-        now=0.0,
-        rng=random.Random(1),
-        min_receivers=2,
-    )
+    sender = make_sender(image, config, min_receivers=2)
     by_train = ReceiverSession(key=KEY, config=config, now=0.0, rng=random.Random(2))
     one_by_one = ReceiverSession(key=KEY, config=config, now=0.0, rng=random.Random(3))
     got: dict[str, list[int]] = {"train": [], "single": []}
@@ -69,15 +59,7 @@ def test_a_train_and_its_datagrams_one_by_one_end_alike_forged_ones_included() -
 def test_a_handed_out_payload_stays_intact_until_settled_then_its_buffer_is_reused() -> None:
     image = make_image(random.Random(42), blocks=8)
     config = EngineConfig(auto_rate=False)
-    sender = SenderSession(
-        session_id=SESSION_ID,
-        key=KEY,
-        manifest_bytes=image.manifest_bytes,
-        read_block=image.stored.__getitem__,
-        config=config,
-        now=0.0,
-        rng=random.Random(1),
-    )
+    sender = make_sender(image, config)
     r = ReceiverSession(key=KEY, config=config, now=0.0, rng=random.Random(2))
     held: list[ev.BlockReceived] = []
     now = 0.0
