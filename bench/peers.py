@@ -328,6 +328,10 @@ class Fleetcast(Tool):
         out["nak_datagrams"] = naks
         out["receiver_stats"] = per_receiver
         out["timeline"] = self._timeline(ctx, per_receiver)
+        sender = ctx.work / "sender.json"
+        if sender.exists():  # one pass of every object: what a receiver with nothing needs
+            session = json.loads(sender.read_text()).get("session", {})
+            out["data_datagrams"] = session.get("data_datagrams")
         m = re.search(r"(\d+) datagrams \(([\d.]+) MiB\) in (\d+) sends", _read(ctx.log("sender")))
         if m:
             sent = int(m.group(1))

@@ -8,8 +8,17 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from protocol.config import FRAGMENT_OVERHEAD
+
 MIB = 1 << 20
+GIB = 1 << 30
 Run = dict[str, Any]
+
+#: the slow-port scenario's shaping toward r0 (bench/compare.py: ``tbf rate 100mbit``)
+SLOW_PORT_BPS = 100_000_000
+#: what a port carries per datagram besides the object bytes: Ethernet 14 + IPv4 20 + UDP 8
+#: + fleetcast's fragment header and tag (tbf counts frames without preamble and FCS)
+PORT_OVERHEAD = 42 + FRAGMENT_OVERHEAD
 
 #: issue 8's targets: (scenario, peer, bound on fleetcast's wall / peer's wall)
 TIME_TARGETS = [
@@ -32,6 +41,28 @@ def group(runs: list[Run]) -> dict[tuple[str, str], list[Run]]:
     for r in runs:
         out[(r["scenario"], r["tool"])].append(r)
     return out
+
+
+def port_time(r: Run) -> float:
+    """Seconds a SLOW_PORT_BPS port takes for one copy of the image as fleetcast puts it on
+    the wire: every stored byte of every data block (r0 starts with none) plus the headers
+    of the datagrams one pass takes (the sender's count; else estimated from full ones)."""
+    once = r["payload_once"]
+    datagrams = r["tool_reports"].get("data_datagrams") or -(-once // (1472 - FRAGMENT_OVERHEAD))
+    return (once + datagrams * PORT_OVERHEAD) * 8 / SLOW_PORT_BPS
+
+
+def slow_ratio(r: Run) -> float | None:
+    """The slow-port receiver's time, from the first data to its verified copy, ÷ port_time."""
+    if r["faulted_s"] is None or r.get("first_data_s") is None:
+        return None
+    return float(r["faulted_s"] - r["first_data_s"]) / port_time(r)
+
+
+def cpu_per_gib(r: Run) -> float | None:
+    """The sender's CPU seconds per GiB its interface transmitted."""
+    cpu, wire = r["sender"]["cpu_s"], r["wire_bytes"]
+    return cpu / (wire / GIB) if cpu is not None and wire else None
 
 
 def summarize(runs: list[Run]) -> dict[str, Any]:
@@ -59,6 +90,8 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
         "retrans": med(lambda r: r["tool_reports"].get("retransmitted_share")),
         "naks": med(lambda r: r["tool_reports"].get("nak_datagrams")),
         "sender_cpu": med(lambda r: r["sender"]["cpu_s"]),
+        "cpu_per_gib": med(cpu_per_gib),
+        "slow_ratio": med(slow_ratio) if runs[0]["scenario"].endswith("-slowport") else None,
         "sender_rss": med(lambda r: r["sender"]["peak_rss_kib"]),
         "recv_cpu": med(lambda r: median(recv(r, "cpu_s"))),
         "recv_rss": med(lambda r: max(recv(r, "peak_rss_kib"), default=None)),
@@ -87,7 +120,8 @@ def table(runs: list[Run]) -> str:
     head = [
         "scenario", "tool", "verified runs", "exit truthful", "wall s (median)", "first data s",
         "fleetcast ÷ this", "MB/s per receiver", "wire MiB", "wire ÷ payload", "retrans share",
-        "NAKs", "sender CPU s", "receiver CPU s", "sender RSS MiB", "receiver RSS MiB", "load",
+        "NAKs", "sender CPU s", "sender CPU s/GiB", "receiver CPU s", "sender RSS MiB",
+        "receiver RSS MiB", "load",
     ]  # fmt: skip
     rows = [head]
     for (sc, tool), s in sums.items():
@@ -101,7 +135,8 @@ def table(runs: list[Run]) -> str:
             _f(s["wall"]) + extra, _f(s["start"]),
             _f(ratio), _f(s["mbps"], "{:.0f}"), _f(s["wire"] and s["wire"] / MIB, "{:.0f}"),
             _f(s["wire"] and s["wire"] / max(1, s["payload"])), _f(s["retrans"], "{:.1%}"),
-            _f(s["naks"], "{:.0f}"), _f(s["sender_cpu"]), _f(s["recv_cpu"]),
+            _f(s["naks"], "{:.0f}"), _f(s["sender_cpu"]), _f(s["cpu_per_gib"], "{:.1f}"),
+            _f(s["recv_cpu"]),
             _f(s["sender_rss"] and s["sender_rss"] / 1024, "{:.0f}"),
             _f(s["recv_rss"] and s["recv_rss"] / 1024, "{:.0f}"), _f(s["load"], "{:.1f}"),
         ])  # fmt: skip
@@ -144,11 +179,29 @@ def targets(runs: list[Run]) -> str:
         if s and s["others"] and clean:
             r = s["others"] / clean
             rows.append([f"n4 {fault}: others ≤ 1.05x no-fault time", f"{r:.2f}x", _yes(r <= 1.05)])
+    s = sums.get(("realistic-n4-slowport", "fleetcast"))
+    if s and s["slow_ratio"]:
+        r = s["slow_ratio"]
+        rows.append(["n4 slowport: slow one ≤ 1.1x its port's time for its bytes", f"{r:.2f}x",
+                     _yes(r <= 1.1)])  # fmt: skip
+    rows += _cpu_rows(sums)
     for (sc, tool), s in sums.items():
         if tool == "fleetcast" and s["recv_rss"]:
             mib = s["recv_rss"] / 1024
             rows.append([f"{sc}: receiver RSS ≤ 100 MiB", f"{mib:.0f} MiB", _yes(mib <= 100)])
     return _md(rows) if len(rows) > 1 else "(no scenario here answers a target)\n"
+
+
+def _cpu_rows(sums: dict[tuple[str, str], dict[str, Any]]) -> list[list[str]]:
+    """Sender CPU s per GiB sent, fleetcast against fleetcast-base where both ran: falling?"""
+    rows = []
+    for (sc, tool), s in sums.items():
+        base = sums.get((sc, "fleetcast-base"))
+        if tool == "fleetcast" and base and s["cpu_per_gib"] and base["cpu_per_gib"]:
+            now, before = s["cpu_per_gib"], base["cpu_per_gib"]
+            rows.append([f"{sc}: sender CPU s per GiB sent falling (fleetcast vs base)",
+                         f"{now:.1f} vs {before:.1f}", _yes(now < before)])  # fmt: skip
+    return rows
 
 
 #: fleetcast's phases (bench/peers.py Fleetcast._timeline): key, what ends there
