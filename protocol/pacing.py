@@ -74,9 +74,12 @@ class Pacer:
             return now
         return now + (-self._tokens * 8.0) / self.rate_bps
 
-    def adjust(self, now: float, reports: list[tuple[float, int, float]]) -> None:
+    def adjust(self, now: float, reports: list[tuple[float, int, float]], group: int = 0) -> None:
         """Auto mode: react to the freshest receiver reports: (loss fraction, received
-        bit/s, reading lag in seconds).
+        bit/s, reading lag in seconds) of some of the ``group`` receivers still receiving
+        (0: as many as reports). The quantile is taken over the group, the receivers with
+        no fresh report counting as news of no loss and no lag: the first report, from one
+        receiver behind a slow port, is not the group's rate.
 
         Like TCP: grow multiplicatively (``rate_increase`` per ``rate_interval``) until the
         first loss above the threshold, then additively (a tenth of that); on loss, cut to
@@ -88,6 +91,8 @@ class Pacer:
         if not cfg.auto_rate or self.rate_bps is None or not reports:
             return
         assert self.ceiling is not None
+        if group > len(reports):
+            reports = [*reports, *[(0.0, 0, 0.0)] * (group - len(reports))]
         q = int(cfg.rate_quantile * (len(reports) - 1))
         loss, received, _ = sorted(reports)[q]
         _, read_bps, lag = sorted(reports, key=lambda r: r[2])[q]

@@ -20,21 +20,45 @@ from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, WireError
 
 #: Settled buffers kept for reuse (each up to a block).
 SPARE_BUFFERS = 8
+#: The buffer of a compacted partial (it has none until it is complete).
+_EMPTY = memoryview(b"")
 #: Object states held in the per-block / per-chunk bytearrays.
 NEEDED, PARTIAL, RECEIVED, VERIFIED, SKIP = 0, 1, 2, 3, 4
 
 
 class Partial:
-    """A partly received object: its buffer and which fragments arrived."""
+    """A partly received object: its buffer (or, compacted, its fragments) and which arrived.
 
-    __slots__ = ("buf", "count", "fragments", "got", "last_rx", "naked_at", "passed", "size")
+    A dense partial holds a buffer of the object's size; a compacted one (``parts`` not
+    None, ``buf`` empty until it is complete) holds only the fragments it got: what a
+    receiver behind a slow port keeps of the many objects it gets a few fragments of,
+    within the same memory bound.
+    """
 
-    def __init__(self, size: int, fragments: int, now: float, buf: memoryview) -> None:
+    __slots__ = (
+        "buf",
+        "cost",
+        "count",
+        "fragments",
+        "got",
+        "last_rx",
+        "naked_at",
+        "parts",
+        "passed",
+        "size",
+    )
+
+    def __init__(self, size: int, fragments: int, now: float, buf: memoryview | None) -> None:
+        """``buf`` None starts it compacted."""
         self.size = size
         self.fragments = fragments
         #: ``size`` bytes, a view of a (maybe recycled, not zeroed) buffer: every byte is
-        #: written by some fragment before the object is complete
-        self.buf = buf
+        #: written by some fragment before the object is complete; empty while compacted
+        self.buf = _EMPTY if buf is None else buf
+        #: compacted: fragment index -> its bytes; None while dense
+        self.parts: dict[int, bytes] | None = None if buf is not None else {}
+        #: bytes this partial counts against max_partial_bytes
+        self.cost = size if buf is not None else 0
         self.got = bytearray(fragments)
         self.count = 0
         self.last_rx = now
@@ -74,7 +98,7 @@ class Reassembly:
         self._manifest_size = 0
         self._block_size = 0
         self._stored_sizes: array[int] | None = None
-        self.fragments = self.duplicates = self.partials_dropped = 0
+        self.fragments = self.duplicates = self.partials_dropped = self.partials_compacted = 0
         #: fragments thrown away since the last STATUS (reported as loss)
         self.dropped_frags = 0
 
@@ -134,8 +158,12 @@ class Reassembly:
         if got[frag]:
             self.duplicates += 1
         else:
-            off = frag * fp
-            p.buf[off : off + n] = payload
+            parts = p.parts
+            if parts is None:
+                off = frag * fp
+                p.buf[off : off + n] = payload
+            else:
+                self._keep_part(obj, p, parts, frag, payload)
             got[frag] = 1
             p.count += 1
             self.fragments += 1
@@ -144,7 +172,9 @@ class Reassembly:
         if p.count < p.fragments:
             return None
         del self.partials[obj]
-        self.partial_bytes -= p.size
+        self.partial_bytes -= p.cost
+        if p.parts is not None:
+            p.buf = self._assemble(p, p.parts)
         return p
 
     def _check_size(self, obj: int, size: int) -> None:
@@ -161,20 +191,76 @@ class Reassembly:
     def _new_partial(
         self, obj: int, size: int, states: bytearray, index: int, now: float
     ) -> Partial:
-        while self.partials and (
-            len(self.partials) >= self._max_partial or self.partial_bytes + size > self._max_bytes
-        ):
-            # Memory stays bounded: the partial we invested least in goes back to "needed".
-            victim = min(self.partials, key=lambda o: self.partials[o].count)
-            self.dropped_frags += self.partials[victim].count
-            self.partials_dropped += 1
-            self.forget(victim)
-        p = Partial(size, -(-size // self._fp), now, self._buffer(size))
+        while len(self.partials) >= self._max_partial:
+            self._drop_least()
+        # Whole-object buffers take at most half the bound; past it a partial keeps only the
+        # fragments that arrive: a receiver behind a slow port gets a few of every object,
+        # and throwing them away to make room would only have them sent again (§4.3).
+        dense = self.partial_bytes + size <= self._max_bytes // 2
+        p = Partial(size, -(-size // self._fp), now, self._buffer(size) if dense else None)
         self.partials[obj] = p
-        self.partial_bytes += size
+        self.partial_bytes += p.cost
         states[index] = PARTIAL
         self.needed.discard(obj, obj + 1)
         return p
+
+    def _drop_least(self, keep: int = -1) -> bool:
+        """Forget the partial we invested least in (not ``keep``); False when there is none."""
+        victim = min(
+            (o for o in self.partials if o != keep),
+            key=lambda o: self.partials[o].count,
+            default=None,
+        )
+        if victim is None:
+            return False
+        self.dropped_frags += self.partials[victim].count
+        self.partials_dropped += 1
+        self.forget(victim)
+        return True
+
+    def _compact(self, want: int) -> None:
+        """Compact dense partials, those holding least first, until ``want`` bytes are free."""
+        dense = [
+            (p.count * self._fp - p.size, o) for o, p in self.partials.items() if p.parts is None
+        ]
+        dense.sort()
+        freed = 0
+        fp = self._fp
+        for saving, obj in dense:
+            if freed >= want or saving >= 0:
+                return
+            p = self.partials[obj]
+            buf, got = p.buf, p.got
+            parts = {i: bytes(buf[i * fp : (i + 1) * fp]) for i in range(len(got)) if got[i]}
+            cost = sum(len(b) for b in parts.values())
+            p.parts, p.buf = parts, _EMPTY
+            self.recycle(buf)
+            self.partial_bytes += cost - p.cost
+            freed += p.cost - cost
+            p.cost = cost
+            self.partials_compacted += 1
+
+    def _keep_part(
+        self, obj: int, p: Partial, parts: dict[int, bytes], frag: int, payload: memoryview
+    ) -> None:
+        """A fragment of a compacted partial: kept on its own, within the memory bound."""
+        n = len(payload)
+        if self.partial_bytes + n > self._max_bytes:
+            self._compact(self.partial_bytes + n - self._max_bytes)
+        while self.partial_bytes + n > self._max_bytes and self._drop_least(keep=obj):
+            pass
+        parts[frag] = bytes(payload)
+        p.cost += n
+        self.partial_bytes += n
+
+    def _assemble(self, p: Partial, parts: dict[int, bytes]) -> memoryview:
+        """The object of a complete compacted partial, in one buffer."""
+        buf = self._buffer(p.size)
+        fp = self._fp
+        for i, part in parts.items():
+            buf[i * fp : i * fp + len(part)] = part
+        p.parts = None
+        return buf
 
     def state(self, obj: int) -> int:
         if obj >= MANIFEST_BASE:
@@ -200,8 +286,9 @@ class Reassembly:
     def drop_partial(self, obj: int) -> None:
         p = self.partials.pop(obj, None)
         if p is not None:
-            self.partial_bytes -= p.size
-            self.recycle(p.buf)
+            self.partial_bytes -= p.cost
+            if p.parts is None:
+                self.recycle(p.buf)
 
     def _buffer(self, size: int) -> memoryview:
         """A spare buffer that holds ``size`` bytes (the smallest such), else a new one."""

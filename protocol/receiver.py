@@ -183,6 +183,7 @@ class ReceiverSession:
             "fragments": self._objs.fragments,
             "duplicates": self._objs.duplicates,
             "partials_dropped": self._objs.partials_dropped,
+            "partials_compacted": self._objs.partials_compacted,
             # §4.4: the loss fraction of the last STATUS, and lost / expected since joining
             "loss": self._meter.last_loss,
             "loss_total": self._meter.total_loss,

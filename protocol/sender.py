@@ -350,17 +350,23 @@ class SenderSession:
                 )
 
     def _update_rate(self, now: float) -> None:
-        fresh = now - 2 * self._config.status_interval
-        reports = [
+        cfg = self._config
+        fresh, quiet = now - 2 * cfg.status_interval, now - cfg.suspect_after
+        # The group: who still receives and is heard from. One that has not reported yet
+        # counts as no loss, so the first report (maybe a slow port's) does not set the rate.
+        receiving = [
             m
             for m in self._members.values()
-            if m.active and m.last_status_time >= fresh and m.blocks_done < m.blocks_total
+            if m.active and m.blocks_done < m.blocks_total and m.last_heard >= quiet
         ]
+        reports = [m for m in receiving if m.last_status_time >= fresh]
         if any(m.last_status_time > self._last_rate_update for m in reports):
-            self._pacer.adjust(now, [(m.loss, m.rx_bps, m.lag) for m in reports])
+            figures = [(m.loss, m.rx_bps, m.lag) for m in reports]
+            self._pacer.adjust(now, figures, group=len(receiving))
             self._last_rate_update = now
             losses = sorted(m.loss for m in reports)
-            self._group_loss = losses[int(self._config.rate_quantile * (len(losses) - 1))]
+            losses[:0] = [0.0] * (len(receiving) - len(losses))
+            self._group_loss = losses[int(cfg.rate_quantile * (len(losses) - 1))]
             for m in self._members.values():
                 self._judge(m)
 
