@@ -145,7 +145,11 @@ class Scheduler:
         return True
 
     def _queue_repair(self, queue: dict[int, int], now: float) -> None:
-        obj = min(queue)
+        # Manifest chunks first (nothing can be handed on without the manifest: a receiver
+        # NAKing a stream of blocks must not starve its chunks), then blocks in order.
+        obj = max(queue)
+        if obj < MANIFEST_BASE:
+            obj = min(queue)
         mask = queue.pop(obj)
         other = self.low_repairs if queue is self.repairs else self.repairs
         if obj in other:

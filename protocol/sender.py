@@ -494,7 +494,9 @@ class SenderSession:
             if self._sched.last_sent.get(obj, -1.0) > last:
                 count += 1  # counts only NAKs that follow a repair: repairs that failed
             m.object_naks[obj] = (count, now)
-            self._sched.add_repair(obj, mask, now, low=m.outlier, seen=msg.seen)
+            # The manifest is small and nothing can be handed on without it: never later.
+            low = m.outlier and obj < MANIFEST_BASE
+            self._sched.add_repair(obj, mask, now, low=low, seen=msg.seen)
             if count > self._config.max_object_naks:
                 self._evict(
                     m,
