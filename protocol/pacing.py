@@ -101,10 +101,16 @@ class Pacer:
         if loss > cfg.loss_threshold:
             if now >= self._decrease_holdoff:
                 # What got through estimates what the path takes: go a little below it at
-                # once (at least by rate_decrease) rather than halving for many rounds.
-                through = received * 0.9 if received else self.rate_bps * (1.0 - loss)
-                cut = min(self.rate_bps * cfg.rate_decrease, through)
-                self._set_rate(now, int(max(cut, self.rate_bps * 0.1)))
+                # once (at least by rate_decrease) rather than halving for many rounds, in
+                # one step however far below ours (a 100 Mbit port behind a 10 Gbit rate).
+                # Without a measured rate, at most 90% per cut.
+                if received:
+                    cut = min(self.rate_bps * cfg.rate_decrease, received * 0.9)
+                else:
+                    cut = max(
+                        self.rate_bps * min(cfg.rate_decrease, 1.0 - loss), self.rate_bps * 0.1
+                    )
+                self._set_rate(now, int(cut))
                 self.decreases += 1
                 self._slow_start = False
                 # Let reports made at the new rate arrive before cutting again.
