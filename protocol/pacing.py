@@ -31,6 +31,9 @@ class Pacer:
         self._decrease_holdoff = now
         self._last_adjust = now
         self._slow_start = True
+        #: the rate of the last loss cut: what the path is known to take (TCP's ssthresh).
+        #: Below it growth is multiplicative even after the first loss cut.
+        self._known_good: int | None = None
         self.decreases = 0
         self.increases = 0
 
@@ -113,6 +116,7 @@ class Pacer:
                 self._set_rate(now, int(cut))
                 self.decreases += 1
                 self._slow_start = False
+                self._known_good = self.rate_bps
                 # Let reports made at the new rate arrive before cutting again.
                 self._decrease_holdoff = now + 2 * cfg.status_interval
             return
@@ -130,8 +134,13 @@ class Pacer:
                 # buffers absorb the overshoot), so no receiver idles on a low rate.
                 self._decrease_holdoff = now + 2 * cfg.status_interval
             return
-        if self._slow_start:
+        good = self._known_good
+        if self._slow_start or (good is not None and self.rate_bps < good):
+            # Back to what the path took at once (after a lag cut: a receiver's CPU was
+            # busy for a moment, not its port), not +2.5% per step from a tenth of it.
             grown = self.rate_bps * (1.0 + cfg.rate_increase) ** elapsed
+            if not self._slow_start and good is not None:
+                grown = min(grown, good)
         else:
             grown = self.rate_bps * (1.0 + cfg.rate_increase / 10 * elapsed)
         self._set_rate(now, min(self.ceiling, max(int(grown), self.rate_bps + 100_000)))

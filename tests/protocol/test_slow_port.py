@@ -167,3 +167,19 @@ def test_partials_beyond_half_the_memory_bound_keep_their_fragments_not_a_buffer
             feed(obj, f)
     assert objs.partials_dropped == 0 and not objs.partials
     assert done == dict(enumerate(contents))
+
+
+def test_a_cpu_hiccup_of_the_slow_one_alone_costs_its_port_a_moment_not_seconds() -> None:
+    p = Pacer(EngineConfig(auto_rate=True, initial_rate_bps=1_000_000_000), 0.0)
+    p.adjust(0.3, [(0.85, 95_000_000, 0.0)])  # alone behind its port: cut to what it got
+    known = p.rate_bps
+    assert known is not None and 80_000_000 <= known <= 90_000_000
+    p.adjust(1.0, [(0.0, 26_000_000, 0.4)])  # its CPU was busy: it read 26 Mbit, 0.4 s late
+    assert p.rate_bps is not None and p.rate_bps < 30_000_000
+    for i in range(3):  # it caught up: back to what its port took within a few steps
+        p.adjust(1.5 + 0.1 * i, [(0.0, p.rate_bps, 0.0)])
+    assert p.rate_bps >= known
+    # past that, it probes gently (+2.5% per rate_interval), as after any loss cut
+    before = p.rate_bps
+    p.adjust(1.8, [(0.0, before, 0.0)])
+    assert before < p.rate_bps <= before * 1.03
