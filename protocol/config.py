@@ -47,8 +47,9 @@ class EngineConfig:
     rate_interval without loss or lag (a tenth of it after a loss cut; a lag cut keeps it)."""
 
     rate_decrease: float = 0.7
-    """Auto mode: largest factor applied to the rate when loss exceeds loss_threshold (a
-    heavier loss L cuts it to (1 - L) * 0.9 of itself)."""
+    """Auto mode: largest factor applied to the rate when loss exceeds loss_threshold and
+    the receiver reported no received rate (a heavier loss L cuts it to (1 - L) of itself);
+    with one, the rate goes to 90% of what it received."""
 
     loss_threshold: float = 0.05
     """Auto mode: loss fraction above which the rate is cut (random loss below is ignored)."""

@@ -103,12 +103,13 @@ class Pacer:
         self._last_adjust = now
         if loss > cfg.loss_threshold:
             if now >= self._decrease_holdoff:
-                # What got through estimates what the path takes: go a little below it at
-                # once (at least by rate_decrease) rather than halving for many rounds, in
-                # one step however far below ours (a 100 Mbit port behind a 10 Gbit rate).
-                # Without a measured rate, at most 90% per cut.
+                # What got through is what the path takes: go a little below it at once
+                # rather than halving for many rounds, in one step however far below ours
+                # (a 100 Mbit port behind a 10 Gbit rate), and no further (a deeper cut
+                # only idles the port it measured). Without a measured rate, by
+                # rate_decrease (or the loss), and at most 90%.
                 if received:
-                    cut = min(self.rate_bps * cfg.rate_decrease, received * 0.9)
+                    cut = min(received * 0.9, self.rate_bps * (1.0 - loss))
                 else:
                     cut = max(
                         self.rate_bps * min(cfg.rate_decrease, 1.0 - loss), self.rate_bps * 0.1
