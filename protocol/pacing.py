@@ -106,10 +106,13 @@ class Pacer:
                 # What got through is what the path takes: go a little below it at once
                 # rather than halving for many rounds, in one step however far below ours
                 # (a 100 Mbit port behind a 10 Gbit rate), and no further (a deeper cut
-                # only idles the port it measured). Without a measured rate, by
-                # rate_decrease (or the loss), and at most 90%.
+                # only idles the port it measured). A mild loss cuts by twice itself at
+                # most: then the receiver may have got all we sent, and what it got says
+                # nothing of the path (we sent little: a group just shrank to it). Without
+                # a measured rate, by rate_decrease (or the loss), and at most 90%.
                 if received:
-                    cut = min(received * 0.9, self.rate_bps * (1.0 - loss))
+                    rate = self.rate_bps
+                    cut = min(rate * (1.0 - loss), max(received * 0.9, rate * (1.0 - 2 * loss)))
                 else:
                     cut = max(
                         self.rate_bps * min(cfg.rate_decrease, 1.0 - loss), self.rate_bps * 0.1

@@ -183,3 +183,13 @@ def test_a_cpu_hiccup_of_the_slow_one_alone_costs_its_port_a_moment_not_seconds(
     before = p.rate_bps
     p.adjust(1.8, [(0.0, before, 0.0)])
     assert before < p.rate_bps <= before * 1.03
+
+
+def test_a_mild_loss_of_the_little_we_sent_is_no_measure_of_its_port() -> None:
+    p = Pacer(EngineConfig(auto_rate=True, initial_rate_bps=1_000_000_000), 0.0)
+    # The group just shrank to it and we sent little: it got all of that but 7%.
+    p.adjust(0.3, [(0.07, 72_000_000, 0.0)])
+    assert p.rate_bps is not None and p.rate_bps >= 850_000_000
+    # At our rate it loses most: what it got is what its port takes.
+    p.adjust(0.9, [(0.8, 97_000_000, 0.0)])
+    assert p.rate_bps is not None and 85_000_000 <= p.rate_bps <= 90_000_000
