@@ -145,11 +145,13 @@ class Scheduler:
         return True
 
     def _queue_repair(self, queue: dict[int, int], now: float) -> None:
-        # Manifest chunks first (nothing can be handed on without the manifest: a receiver
-        # NAKing a stream of blocks must not starve its chunks), then blocks in order.
+        # Manifest chunks first (nothing can be handed on without the manifest), then
+        # objects in the order first asked for: a receiver behind a slow port NAKs a
+        # stream of low block numbers, and by lowest first another one's repair of a
+        # higher block waited behind all of them (4 s in the lab).
         obj = max(queue)
         if obj < MANIFEST_BASE:
-            obj = min(queue)
+            obj = next(iter(queue))
         mask = queue.pop(obj)
         other = self.low_repairs if queue is self.repairs else self.repairs
         if obj in other:
