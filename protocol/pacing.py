@@ -150,6 +150,10 @@ class Pacer:
         self._set_rate(now, min(self.ceiling, max(int(grown), self.rate_bps + 100_000)))
         self.increases += 1
 
+    def set_rate(self, now: float, rate: int) -> None:
+        """Pace at ``rate`` from ``now`` on (at least ``min_rate_bps``)."""
+        self._set_rate(now, rate)
+
     def _set_rate(self, now: float, rate: int) -> None:
         self._refill(now)
         self.rate_bps = max(self._config.min_rate_bps, rate)

@@ -96,6 +96,8 @@ class Scheduler:
         #: when a held-off object may be swept again (the sender's timer), or None
         self.idle_until: float | None = None
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        #: bytes of outlier-only work the last fill() queued (0: none)
+        self.low_bytes = 0
 
     def add_repair(self, obj: int, mask: int, now: float, low: bool, seen: int) -> None:
         """Merge a NAK's fragment mask for ``obj``, minus what its sender has not yet seen
@@ -119,23 +121,29 @@ class Scheduler:
             queue = self.low_repairs if low else self.repairs
             queue[obj] = queue.get(obj, 0) | mask
 
-    def fill(self, now: float, sweeping: bool, needs: list[Need]) -> bool:
+    def fill(self, now: float, sweeping: bool, needs: list[Need], low_ok: bool = True) -> bool:
         """Queue the next object's Transmits (§4.2 order); False when there is nothing.
 
         ``needs`` describe the active receivers; ``sweeping`` is False while the session
-        waits for receivers (only manifest chunks and repairs go then).
+        waits for receivers (only manifest chunks and repairs go then). ``low_ok`` False
+        holds back what only outliers need (their own pace is spent, §4.3); ``low_bytes``
+        then tells how many bytes of such work this call queued.
         """
+        self.low_bytes = 0
         if self.repairs:
             self._queue_repair(self.repairs, now)
             return True
         obj = self._next_manifest_chunk(now, needs)
         if obj is None and sweeping:
             obj = self._next_sweep_object(now, [n for n in needs if not n.outlier])
+        if obj is None and not low_ok:
+            return False
         if obj is None and self.low_repairs:  # outliers: only when nothing else waits
-            self._queue_repair(self.low_repairs, now)
+            self.low_bytes = self._queue_repair(self.low_repairs, now)
             return True
         if obj is None and sweeping:
             obj = self._next_sweep_object(now, [n for n in needs if n.outlier])
+            self.low_bytes = self._object_size(obj) if obj is not None else 0
         if obj is None:
             return False
         self._swept[obj] = self.last_sent[obj] = now
@@ -144,7 +152,8 @@ class Scheduler:
         self._queue_object(obj, range(self.fragments(obj)), 0)
         return True
 
-    def _queue_repair(self, queue: dict[int, int], now: float) -> None:
+    def _queue_repair(self, queue: dict[int, int], now: float) -> int:
+        """Queue the next repair of ``queue``; return the object bytes it carries."""
         # Manifest chunks first (nothing can be handed on without the manifest), then
         # objects in the order first asked for: a receiver behind a slow port NAKs a
         # stream of low block numbers, and by lowest first another one's repair of a
@@ -158,7 +167,9 @@ class Scheduler:
             mask |= other.pop(obj)
         self.last_sent[obj] = now
         self.recent_repairs[obj] = (now, mask, None)
-        self._queue_object(obj, mask_to_list(mask), wire.FLAG_REPAIR)
+        frags = mask_to_list(mask)
+        self._queue_object(obj, frags, wire.FLAG_REPAIR)
+        return len(frags) * self._fp
 
     def _next_manifest_chunk(self, now: float, needs: list[Need]) -> int | None:
         first = MANIFEST_BASE

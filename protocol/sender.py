@@ -11,6 +11,7 @@ import logging
 import random
 from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum
 from typing import Any
 
@@ -125,6 +126,8 @@ class SenderSession:
         self._idle = False  # the last look found nothing to send, and nothing changed since
         self._data_since_announce = False
         self._pacer = Pacer(config, now)
+        #: what only outliers need goes at their pace, not the group's (§4.3)
+        self._low_pacer = Pacer(replace(config, auto_rate=False, rate_bps=None), now)
         self._next_announce = now
         self._next_poll = now
         self._next_rate = now + config.rate_interval
@@ -649,14 +652,15 @@ class SenderSession:
         # A receiver silent for a while (dead, or starved) is not served until it speaks
         # again; it is evicted at receiver_timeout (§7).
         quiet = now - self._config.suspect_after
-        needs = [
-            Need(m.missing, m.seen, m.outlier)
-            for m in self._members.values()
-            if m.active and m.last_heard >= quiet
-        ]
+        heard = [m for m in self._members.values() if m.active and m.last_heard >= quiet]
+        needs = [Need(m.missing, m.seen, m.outlier) for m in heard]
+        self._pace_outliers(now, heard)
         limit = None if self._pacer.paced else self._config.max_transmits_per_call
         while True:
-            if not sched.pending and not sched.fill(now, sweeping, needs):
+            low_ok = self._low_pacer.ready(now)
+            if not sched.pending and not sched.fill(now, sweeping, needs, low_ok):
+                if not low_ok:
+                    sched.note_wakeup(self._low_pacer.ready_at(now))
                 self._idle = True
                 if out or self._data_since_announce:
                     # Out of work: an ANNOUNCE soon carries a later seq, so a receiver that
@@ -666,6 +670,9 @@ class SenderSession:
                     self._data_since_announce = False
                 return out
             self._idle = False
+            if sched.low_bytes:
+                self._low_pacer.consume(sched.low_bytes)
+                sched.low_bytes = 0
             if not self._pacer.ready(now):
                 self._blocked = True
                 return out
@@ -677,6 +684,23 @@ class SenderSession:
             self._pacer.consume(len(t.data))
             out.append(t)
             self._send_log.sent(now)
+
+    def _pace_outliers(self, now: float, heard: list[Member]) -> None:
+        """What only outliers need goes at a little above the rate they receive at, not
+        the group's: past their port it is dropped anyway, and the others would only read
+        it as duplicates (§4.3). Unlimited when there is no outlier."""
+        outliers = [m for m in heard if m.outlier]
+        if not outliers:
+            self._low_pacer.rate_bps = None
+            return
+        rx = max(m.rx_bps for m in outliers)
+        group = self._pacer.rate_bps or self._config.initial_rate_bps
+        rate = int(rx * 1.1) if rx else group // 10  # no STATUS yet: a tenth of ours
+        rate = max(rate, self._config.min_rate_bps)
+        if self._low_pacer.rate_bps is None:
+            self._low_pacer = Pacer(replace(self._config, auto_rate=False, rate_bps=rate), now)
+        else:
+            self._low_pacer.set_rate(now, rate)
 
     def _summary(self, now: float) -> dict[str, Any]:
         states = Counter(m.state.value for m in self._members.values())

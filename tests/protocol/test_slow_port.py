@@ -91,6 +91,23 @@ def test_the_others_finish_as_fast_as_without_the_slow_one(seed: int) -> None:
     assert max(r.finished_at or 1e9 for r in fast) <= 1.05 * before
 
 
+@pytest.mark.parametrize("seed", [4, 5])
+def test_the_others_read_few_of_the_slow_ones_repairs_while_they_finish(seed: int) -> None:
+    """Its repairs and sweeps go at about the rate its port takes, not the group's: the
+    others, reading 0.1 s late (a busy CPU, a deep socket buffer), still get them."""
+    image = _image(seed)
+    net = SimNet(seed, image, _config(image), min_receivers=4)
+    late = Link(capacity_bps=FAST_BPS, buffer_bytes=1 << 20, delay=0.1)
+    others = [net.add_receiver(f"f{i}", link=late) for i in range(3)]
+    slow = net.add_receiver("slow", link=Link(capacity_bps=SLOW_BPS, buffer_bytes=640 << 10))
+    net.run(limit=60)
+    for r in (*others, slow):
+        assert net.outcome(r) == "completed"
+    for r in others:
+        assert r.session.stats["duplicates"] <= 0.1 * r.session.stats["fragments"]
+    assert slow.finished_at is not None and slow.finished_at <= 1.1 * _port_time(net)
+
+
 def test_once_alone_the_rate_follows_its_port_and_loss_at_the_port_stays_low() -> None:
     _, (*fast, slow), samples = _run(4, slow_port=True)
     others_done = max(r.finished_at or 0.0 for r in fast)
