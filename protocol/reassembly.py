@@ -91,6 +91,11 @@ class Reassembly:
     def apply_manifest(self, manifest: Manifest, data: RangeSet) -> None:
         """Only DATA blocks are sent: the others are SKIP and never needed."""
         self._stored_sizes = manifest.stored_sizes
+        for obj in [o for o, p in self.partials.items() if o < MANIFEST_BASE]:
+            if self.partials[obj].size != manifest.stored_sizes[obj]:
+                # begun before the manifest by a datagram with a wrong size (forged, §6.1)
+                self.drop_partial(obj)
+                self.set_state(obj, NEEDED)
         for i, kind in enumerate(manifest.kinds):
             if kind:
                 self.blocks[i] = SKIP
@@ -250,6 +255,10 @@ def nak_bodies(seen: int, due: Sequence[tuple[int, Partial]], capacity: int) -> 
     return wire.encode_nak_bodies(seen, [], [(obj, p.missing()) for obj, p in due], capacity)
 
 
+#: Most an untagged datagram may move a receiver's highest seen seq (~0.8 s at 1 Gbit/s).
+UNTAGGED_SEQ_STEP = 1 << 16
+
+
 class Meter:
     """What a receiver measures between two STATUS reports (§4.4): loss, rates."""
 
@@ -278,6 +287,14 @@ class Meter:
         self._rx += 1
         self._rx_bytes += size
         if 0 < (seq - self.max_seq) & 0xFFFFFFFF < 0x80000000:
+            self.max_seq = seq
+
+    def seen_near(self, seq: int, size: int) -> None:
+        """``seen`` for an untagged datagram (§6.1): its seq may be forged, so it moves the
+        highest seq at most UNTAGGED_SEQ_STEP ahead (a tagged ANNOUNCE resyncs the rest)."""
+        self._rx += 1
+        self._rx_bytes += size
+        if 0 < (seq - self.max_seq) & 0xFFFFFFFF < UNTAGGED_SEQ_STEP:
             self.max_seq = seq
 
     @property

@@ -53,6 +53,8 @@ _DATA_HEAD = wire.DATA_HEADER.size
 _DATA_MIN = wire.DATA_OVERHEAD
 _DATA = int(PacketType.DATA)
 _TAG = wire.TAG_SIZE
+_TAGGED = wire.FLAG_TAGGED
+_FLAGS_AT = _DATA_HEAD - 2  #: offset of a DATA datagram's flags byte
 _compare = hmac.compare_digest
 #: How long to wait for an ABORT's reason once an ANNOUNCE says the session was aborted.
 ABORT_GRACE = 0.5
@@ -137,6 +139,14 @@ class ReceiverSession:
         self._handed_bufs: dict[int, memoryview] = {}
         self._handed_bytes = 0
         self._failures: Counter[int] = Counter()
+        #: §6.1: every DATA must be tagged (the ANNOUNCE says so), or untagged DATA is
+        #: taken too (the manifest's block hashes authenticate what it carries)
+        self._tagged_only = False
+        self._untagged_ok = False
+        #: blocks whose untagged copy failed verification: only tagged datagrams from now
+        #: on; those still needed are asked for again (NAK AUTH) with every STATUS
+        self._strict: set[int] = set()
+        self._auth_pending: set[int] = set()
         # timers; None = not armed
         self._join: Retry | None = None
         self._next_status: float | None = None
@@ -199,8 +209,13 @@ class ReceiverSession:
         try:
             view = memoryview(data)
             n = len(view)
-            if n > _DATA_MIN and view[3] == _DATA and self._state is ReceiverState.RECEIVING:
-                self._fast_data(view, n, now)  # the hot path: same checks, fewer calls
+            if n > _DATA_HEAD and view[3] == _DATA:
+                if self._state is ReceiverState.RECEIVING:
+                    self._fast_data(view, n, now)  # the hot path: same checks, fewer calls
+                elif view[_FLAGS_AT] & _TAGGED:
+                    self._receive(view, addr, now)
+                else:
+                    self._untagged_elsewhere()
             else:
                 self._receive(view, addr, now)
             self._n_accepted += 1
@@ -223,7 +238,7 @@ class ReceiverSession:
             view = data[start:end]
             size = end - start
             start = end
-            if size > _DATA_MIN and view[3] == _DATA and self._state is ReceiverState.RECEIVING:
+            if size > _DATA_HEAD and view[3] == _DATA and self._state is ReceiverState.RECEIVING:
                 self._now = now
                 self._n_datagrams += 1
                 try:
@@ -240,23 +255,48 @@ class ReceiverSession:
                 self.receive_datagram(view, addr, now)
 
     def _fast_data(self, view: memoryview, n: int, now: float) -> None:
-        """A DATA datagram while receiving: §2.2 checks in order, then reassembly."""
-        magic, version, _t, session, source, instance, seq, obj, size, frag, _f = (
+        """A DATA datagram while receiving: §2.2 checks in order, then reassembly.
+
+        An untagged datagram (§6.1) is taken only for a block (the manifest's hash checks it)
+        whose untagged copy never failed; it does not count as word from the
+        sender (timeouts) and moves the loss meter only a bounded step.
+        """
+        magic, version, _t, session, source, instance, seq, obj, size, frag, flags = (
             _DATA_HEADER.unpack_from(view)
         )
         if magic != wire.MAGIC or version != wire.VERSION:
             raise WireError("bad_magic" if magic != wire.MAGIC else "bad_version")
-        mac = _mac(self._key).copy()
-        mac.update(view[: n - _TAG])
-        if not _compare(mac.digest()[:_TAG], view[n - _TAG :]):
-            raise WireError("bad_tag")
+        tagged = flags & _TAGGED
+        if tagged:
+            if n <= _DATA_MIN:
+                raise WireError("short", f"{n} bytes")
+            end = n - _TAG
+            mac = _mac(self._key).copy()
+            mac.update(view[:end])
+            if not _compare(mac.digest()[:_TAG], view[end:]):
+                raise WireError("bad_tag")
+        elif not self._untagged_ok or obj in self._strict or obj >= MANIFEST_BASE:
+            raise WireError("untagged")
+        else:
+            end = n
         if session != self._session or instance != self._sender_instance:
             raise WireError("foreign_session")
         if source:
             raise WireError("invalid", "sender datagram with a receiver id")
-        self._last_heard = now
-        self._meter.seen(seq, n)
-        self._on_fragment(obj, size, frag, view[_DATA_HEAD : n - _TAG], now)
+        if tagged:
+            self._last_heard = now
+            self._meter.seen(seq, n)
+        else:
+            self._meter.seen_near(seq, n)
+        self._on_fragment(obj, size, frag, view[_DATA_HEAD:end], now)
+
+    def _untagged_elsewhere(self) -> None:
+        """An untagged DATA datagram outside RECEIVING: not for us yet, or no longer."""
+        if self._state in (ReceiverState.LISTENING, ReceiverState.JOINING):
+            raise WireError("not_joined")
+        if self._state is ReceiverState.CLOSED:
+            raise WireError("closed")
+        self._objs.duplicates += 1
 
     def datagrams_to_send(self, now: float) -> list[Transmit]:
         """JOIN, NAK, STATUS, DONE and LEAVE datagrams due at ``now`` (unicast to the sender)."""
@@ -333,8 +373,15 @@ class ReceiverSession:
             return
         self._settle(index)
         self._objs.set_state(index, NEEDED)
-        self._failures[index] += 1
         self._counts["blocks_failed"] += 1
+        if not self._tagged_only and index not in self._strict:
+            # Its copy may hold forged untagged datagrams: get it again, tagged (§6.1).
+            self._strict.add(index)
+            self._auth_pending.add(index)
+            self._counts["untagged_blocks_failed"] += 1
+            self._send_auth()
+            return
+        self._failures[index] += 1
         if self._failures[index] >= self._config.max_block_failures:
             self.fail(
                 now, f"block {index} failed verification {self._failures[index]} times: {reason}"
@@ -403,14 +450,14 @@ class ReceiverSession:
                 self._abort("the sender aborted the session (its reason was lost on the way)")
                 return True
         if self._state is ReceiverState.LISTENING:
-            if cfg.listen_timeout is not None and now - self._created >= cfg.listen_timeout:
+            if cfg.listen_timeout is not None and now >= self._created + cfg.listen_timeout:
                 self._abort(
                     f"no fleetcast session heard in {cfg.listen_timeout:.0f} s", "no-session"
                 )
                 return True
         elif (
             self._state is not ReceiverState.LEAVING
-            and now - self._last_heard >= cfg.sender_timeout
+            and now >= self._last_heard + cfg.sender_timeout
         ):
             self._abort(f"nothing heard from the sender for {now - self._last_heard:.1f} s")
             return True
@@ -463,6 +510,8 @@ class ReceiverSession:
             raise WireError("invalid", "announce geometry")
         self._session, self._sender_instance = hdr.session, hdr.instance
         self._sender, self._announce = addr, a
+        self._tagged_only = bool(a.flags & wire.ANNOUNCE_TAGGED_DATA)
+        self._untagged_ok = not self._tagged_only
         self._last_heard = now
         self._set_state(ReceiverState.JOINING)
         cfg = self._config
@@ -737,7 +786,20 @@ class ReceiverSession:
         )
         self._send(PacketType.STATUS, wire.encode_status(status, encoded))
         self._counts["status_sent"] += 1
+        if self._auth_pending:
+            self._send_auth()
         self._next_status = now + self._jitter(self._config.status_interval)
+
+    def _send_auth(self) -> None:
+        """NAK AUTH for the strict blocks still needed: send them tagged (§6.1)."""
+        blocks = self._objs.blocks
+        self._auth_pending = {i for i in self._auth_pending if blocks[i] == NEEDED}
+        ranges = RangeSet.from_values(self._auth_pending)
+        for body in wire.encode_nak_bodies(
+            self._meter.max_seq, [], [], self._capacity(0), auth=list(ranges)
+        ):
+            self._send(PacketType.NAK, body)
+            self._counts["auth_naks_sent"] += 1
 
     def _send_control(self, now: float) -> None:
         assert self._control is not None

@@ -96,6 +96,8 @@ class Scheduler:
         #: when a held-off object may be swept again (the sender's timer), or None
         self.idle_until: float | None = None
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        #: objects whose datagrams are tagged: a receiver's untagged copy failed (§6.1)
+        self.tagged: set[int] = set()
 
     def add_repair(self, obj: int, mask: int, now: float, low: bool, seen: int) -> None:
         """Merge a NAK's fragment mask for ``obj``, minus what its sender has not yet seen
@@ -243,11 +245,13 @@ class Scheduler:
         obj, chunk, flags, last = self.pending.popleft()
         payload = self._payload(obj)
         seq = self._next_seq(len(chunk))
+        if self._config.tag_data or obj >= MANIFEST_BASE or obj in self.tagged:
+            flags |= wire.FLAG_TAGGED
         data = wire.pack_fragments(
             self._key, self._header, seq, obj, payload, chunk, self._fp, flags
         )
         end = (seq + len(chunk) - 1) & SEQ_MASK
-        if flags:
+        if flags & wire.FLAG_REPAIR:
             key = "repair_datagrams"
             if last and obj in self.recent_repairs:
                 at, mask, _ = self.recent_repairs[obj]
@@ -260,5 +264,5 @@ class Scheduler:
                 if self._sweeping == obj:
                     self._sweeping = None
         self._counts[key] += len(chunk)
-        seg = self._config.payload_size
+        seg = wire.data_segment(self._fp, flags)
         return Transmit(data, seg if len(chunk) > 1 else len(data), None)

@@ -475,9 +475,13 @@ class SenderSession:
             raise WireError("inactive_receiver")
         for obj, run, mask in msg.entries:
             self._check_nak_entry(obj, run, mask)
+        for start, end in msg.auth:
+            self._check_nak_entry(start, end - start, 0)
         m.naks += 1
         self._counts["naks_received"] += 1
         self._note_nak_loss(m, msg.entries)
+        for start, end in msg.auth:
+            self._on_auth_request(m, start, end)
         for obj, run, mask in msg.entries:
             if run:
                 wanted = RangeSet([(obj, obj + run)]).intersection(self._objects)
@@ -496,6 +500,16 @@ class SenderSession:
                     f"cannot keep up: object {obj} still incomplete after {count} repairs",
                 )
                 return
+
+    def _on_auth_request(self, m: Member, start: int, end: int) -> None:
+        """Its untagged copy of these objects failed verification (maybe forged): from now
+        on they go tagged, to everyone, and it gets them again (§6.1)."""
+        for s, e in RangeSet([(start, end)]).intersection(self._objects):
+            m.missing.add(s, e)
+            for obj in range(s, e):
+                if obj not in self._sched.tagged:
+                    self._sched.tagged.add(obj)
+                    self._counts["objects_tagged"] += 1
 
     def _note_nak_loss(self, m: Member, entries: list[tuple[int, int, int]]) -> None:
         """A NAK tells how much of what it covers was lost: a loss figure before any STATUS."""
@@ -614,7 +628,8 @@ class SenderSession:
                 block_size=m.block_size,
                 payload_size=self._config.payload_size,
                 state=_ANNOUNCE_STATE[self._state],
-                flags=wire.ANNOUNCE_ABORTED if self._outcome == "aborted" else 0,
+                flags=(wire.ANNOUNCE_ABORTED if self._outcome == "aborted" else 0)
+                | (wire.ANNOUNCE_TAGGED_DATA if self._config.tag_data else 0),
                 rate_bps=rate,
                 data_bytes=m.stored_bytes,
             )

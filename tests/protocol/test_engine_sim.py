@@ -356,11 +356,12 @@ def test_forged_foreign_and_replayed_datagrams_are_counted_and_change_nothing() 
 
     def inject() -> None:
         instance = net.sender._instance
+        tagged = wire.FLAG_TAGGED
         for key, session in ((bytes(32), SESSION_ID), (KEY, SESSION_ID + 1)):
             data = wire.pack_fragments(
-                key, (session, 0, instance, 0), 1 << 20, first, garbage, frags, fp, 0
+                key, (session, 0, instance, 0), 1 << 20, first, garbage, frags, fp, tagged
             )
-            seg = net.config.payload_size
+            seg = wire.data_segment(fp, tagged)
             for i in range(0, len(data), seg):
                 r.session.receive_datagram(data[i : i + seg], ("6.6.6.6", 1), net.now)
         for d in captured:
