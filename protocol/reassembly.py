@@ -267,15 +267,20 @@ class Meter:
         "_last",
         "_rx",
         "_rx_bytes",
+        "_ubase",
         "_written",
         "expected_total",
         "last_loss",
         "lost_total",
         "max_seq",
+        "max_useq",
     )
 
     def __init__(self, seq: int, now: float) -> None:
         self.max_seq = self._base = seq
+        #: the highest seq of datagrams sent to us alone (FLAG_UNICAST: their own space,
+        #: starting at 0 when we join)
+        self.max_useq = self._ubase = 0
         self._rx = self._rx_bytes = self._written = 0
         self._last = now
         #: the loss fraction of the last report, and the sums over every report so far
@@ -297,6 +302,14 @@ class Meter:
         if 0 < (seq - self.max_seq) & 0xFFFFFFFF < UNTAGGED_SEQ_STEP:
             self.max_seq = seq
 
+    def seen_unicast(self, seq: int, size: int, tagged: bool) -> None:
+        """``seen`` for a datagram sent to us alone (FLAG_UNICAST): its own seq space."""
+        self._rx += 1
+        self._rx_bytes += size
+        step = 0x80000000 if tagged else UNTAGGED_SEQ_STEP
+        if 0 < (seq - self.max_useq) & 0xFFFFFFFF < step:
+            self.max_useq = seq
+
     @property
     def total_loss(self) -> float:
         """Datagrams lost / expected over every report so far (0.0 before the first)."""
@@ -314,6 +327,7 @@ class Meter:
         figures for the receiver's stats.
         """
         expected = (self.max_seq - self._base) & 0xFFFFFFFF
+        expected += (self.max_useq - self._ubase) & 0xFFFFFFFF
         lost = max(0, expected - self._rx) + dropped
         loss = min(1.0, lost / expected) if expected else 0.0
         self.last_loss = loss
@@ -321,7 +335,7 @@ class Meter:
         self.expected_total += expected
         elapsed = max(now - self._last, 1e-6)
         rates = int(self._rx_bytes * 8 / elapsed), int(self._written / elapsed)
-        self._base, self._last = self.max_seq, now
+        self._base, self._ubase, self._last = self.max_seq, self.max_useq, now
         self._rx = self._rx_bytes = self._written = 0
         return loss, *rates
 

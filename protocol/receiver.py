@@ -54,6 +54,7 @@ _DATA_MIN = wire.DATA_OVERHEAD
 _DATA = int(PacketType.DATA)
 _TAG = wire.TAG_SIZE
 _TAGGED = wire.FLAG_TAGGED
+_UNICAST = wire.FLAG_UNICAST
 _FLAGS_AT = _DATA_HEAD - 2  #: offset of a DATA datagram's flags byte
 _compare = hmac.compare_digest
 #: How long to wait for an ABORT's reason once an ANNOUNCE says the session was aborted.
@@ -283,7 +284,11 @@ class ReceiverSession:
             raise WireError("foreign_session")
         if source:
             raise WireError("invalid", "sender datagram with a receiver id")
-        if tagged:
+        if flags & _UNICAST:
+            self._meter.seen_unicast(seq, n, bool(tagged))
+            if tagged:
+                self._last_heard = now
+        elif tagged:
             self._last_heard = now
             self._meter.seen(seq, n)
         else:
@@ -491,10 +496,14 @@ class ReceiverSession:
         ):
             raise WireError("not_joined")
         self._last_heard = now
-        self._meter.seen(hdr.seq, len(data))
         if ptype == PacketType.DATA:
+            if len(body) > _BODY_SIZE and body[_BODY_SIZE - 2] & _UNICAST:
+                self._meter.seen_unicast(hdr.seq, len(data), True)
+            else:
+                self._meter.seen(hdr.seq, len(data))
             self._on_data(body, now)
             return
+        self._meter.seen(hdr.seq, len(data))
         msg = wire.DECODERS[ptype](body)
         self._HANDLERS[ptype](self, hdr, msg, now)
 

@@ -492,7 +492,7 @@ class SenderSession:
             if self._sched.last_sent.get(obj, -1.0) > last:
                 count += 1  # counts only NAKs that follow a repair: repairs that failed
             m.object_naks[obj] = (count, now)
-            self._sched.add_repair(obj, mask, now, low=m.outlier, seen=msg.seen)
+            self._sched.add_repair(obj, mask, now, low=m.outlier, seen=msg.seen, who=m)
             if count > self._config.max_object_naks:
                 self._evict(
                     m,

@@ -71,6 +71,9 @@ FLAG_REPAIR = 0x01
 #: DATA flags: the datagram ends with a tag. Without it, the block hash in the manifest is
 #: what authenticates the content (§6.1).
 FLAG_TAGGED = 0x02
+#: DATA flags: sent to one receiver's unicast address, numbered in that receiver's own seq
+#: space (a repair only it asked for, §4.3): others never see it, so it is no gap of theirs.
+FLAG_UNICAST = 0x04
 ANNOUNCE_ABORTED = 0x01  #: ANNOUNCE flags: the session was aborted (state ENDING)
 #: ANNOUNCE flags: every DATA datagram is tagged; a receiver drops untagged ones (§6.1).
 ANNOUNCE_TAGGED_DATA = 0x02
