@@ -88,7 +88,7 @@ class EngineConfig:
     join_timeout: float = 10.0
     """Give up on a session whose sender does not answer JOIN for this long."""
 
-    control_retry: float = 0.1
+    control_retry: float = 0.03
     """First retry interval of DONE / LEAVE / EVICT; doubles up to control_retry_max."""
 
     control_retry_max: float = 1.0
@@ -118,8 +118,10 @@ class EngineConfig:
     nak_repeat: float = 0.15
     """Receiver: NAK the same object again only after this long without progress."""
 
-    repair_holdoff: float = 0.02
-    """Sender: do not repair a fragment again within this long (the NAK crossed it)."""
+    nak_min: float = 0.01
+    """Receiver: the least NAK gap and repeat time once repairs are seen to come quickly:
+    both follow the measured wait from a NAK to its first repair (§4.3), between nak_min
+    and nak_interval / nak_repeat."""
 
     sweep_holdoff: float = 0.1
     """Sender: do not sweep the same object again within this long (§4.2)."""

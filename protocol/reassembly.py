@@ -27,7 +27,17 @@ NEEDED, PARTIAL, RECEIVED, VERIFIED, SKIP = 0, 1, 2, 3, 4
 class Partial:
     """A partly received object: its buffer and which fragments arrived."""
 
-    __slots__ = ("buf", "count", "fragments", "got", "last_rx", "naked_at", "passed", "size")
+    __slots__ = (
+        "answered",
+        "buf",
+        "count",
+        "fragments",
+        "got",
+        "last_rx",
+        "naked_at",
+        "passed",
+        "size",
+    )
 
     def __init__(self, size: int, fragments: int, now: float, buf: memoryview) -> None:
         self.size = size
@@ -41,6 +51,8 @@ class Partial:
         #: a datagram of another object arrived after our last fragment (§4.3)
         self.passed = False
         self.naked_at = -1e9
+        #: a repair came since our last NAK of it (its wait was measured, §4.3)
+        self.answered = True
 
     def missing(self) -> list[int]:
         """Indices of the fragments not received, ascending."""

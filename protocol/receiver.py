@@ -55,10 +55,13 @@ _DATA = int(PacketType.DATA)
 _TAG = wire.TAG_SIZE
 _TAGGED = wire.FLAG_TAGGED
 _UNICAST = wire.FLAG_UNICAST
+_REPAIR = wire.FLAG_REPAIR
 _FLAGS_AT = _DATA_HEAD - 2  #: offset of a DATA datagram's flags byte
 _compare = hmac.compare_digest
 #: How long to wait for an ABORT's reason once an ANNOUNCE says the session was aborted.
 ABORT_GRACE = 0.5
+#: Least time between JOINs sent because data flows while we wait for a JOIN_ACK.
+JOIN_HURRY = 0.01
 _mac = wire._mac
 
 
@@ -148,6 +151,10 @@ class ReceiverSession:
         #: on; those still needed are asked for again (NAK AUTH) with every STATUS
         self._strict: set[int] = set()
         self._auth_pending: set[int] = set()
+        #: smoothed wait from a NAK to the first repair of its object (§4.3)
+        self._repair_wait = config.nak_repeat / 3
+        self._last_idle_status = -1e9
+        self._join_sent_at = -1e9
         # timers; None = not armed
         self._join: Retry | None = None
         self._next_status: float | None = None
@@ -216,7 +223,7 @@ class ReceiverSession:
                 elif view[_FLAGS_AT] & _TAGGED:
                     self._receive(view, addr, now)
                 else:
-                    self._untagged_elsewhere()
+                    self._untagged_elsewhere(view, now)
             else:
                 self._receive(view, addr, now)
             self._n_accepted += 1
@@ -284,6 +291,8 @@ class ReceiverSession:
             raise WireError("foreign_session")
         if source:
             raise WireError("invalid", "sender datagram with a receiver id")
+        if flags & _REPAIR:
+            self._repair_came(obj, now)
         if flags & _UNICAST:
             self._meter.seen_unicast(seq, n, bool(tagged))
             if tagged:
@@ -295,8 +304,31 @@ class ReceiverSession:
             self._meter.seen_near(seq, n)
         self._on_fragment(obj, size, frag, view[_DATA_HEAD:end], now)
 
-    def _untagged_elsewhere(self) -> None:
+    def _repair_came(self, obj: int, now: float) -> None:
+        """Measure how long repairs take to come after a NAK (§4.3)."""
+        p = self._objs.partials.get(obj)
+        if p is not None and not p.answered:
+            p.answered = True
+            wait = now - p.naked_at
+            if 0.0 <= wait < 1.0:
+                self._repair_wait += 0.25 * (wait - self._repair_wait)
+
+    def _nak_gap(self) -> float:
+        """Least time between NAK bursts: twice the repair wait, within its bounds."""
+        cfg = self._config
+        return min(cfg.nak_interval, max(cfg.nak_min, 2 * self._repair_wait))
+
+    def _nak_repeat(self) -> float:
+        """NAK an object again after this long without progress: three repair waits."""
+        cfg = self._config
+        return min(cfg.nak_repeat, max(cfg.nak_min, 3 * self._repair_wait))
+
+    def _untagged_elsewhere(self, view: memoryview, now: float) -> None:
         """An untagged DATA datagram outside RECEIVING: not for us yet, or no longer."""
+        if self._state is ReceiverState.JOINING:
+            _m, _v, _t, session, _s, instance, *_ = _DATA_HEADER.unpack_from(view)
+            if session == self._session and instance == self._sender_instance:
+                self._hurry_join(now)
         if self._state in (ReceiverState.LISTENING, ReceiverState.JOINING):
             raise WireError("not_joined")
         if self._state is ReceiverState.CLOSED:
@@ -494,6 +526,8 @@ class ReceiverSession:
             PacketType.ANNOUNCE,
             PacketType.JOIN_ACK,
         ):
+            if ptype == PacketType.DATA:
+                self._hurry_join(now)
             raise WireError("not_joined")
         self._last_heard = now
         if ptype == PacketType.DATA:
@@ -537,6 +571,8 @@ class ReceiverSession:
         ):
             raise WireError("invalid", "announce changed within the session")
         self._announce = msg
+        if msg.flags & wire.ANNOUNCE_IDLE and self._state is ReceiverState.RECEIVING:
+            self._sender_idle(now)
         if msg.state == wire.AnnounceState.ENDING and self._state in (
             ReceiverState.JOINING,
             ReceiverState.RECEIVING,
@@ -548,6 +584,23 @@ class ReceiverSession:
                     self._abort_deadline = now + ABORT_GRACE
             else:
                 self._abort("the sender ended the session before this receiver completed")
+
+    def _sender_idle(self, now: float) -> None:
+        """The sender has nothing queued: what our partials lack is lost; NAK it soon.
+        Objects we lack entirely it learns from STATUS: one goes now, not at its period."""
+        partials = self._objs.partials
+        if not partials:
+            if self._objs.needed and now - self._last_idle_status >= self._nak_gap():
+                self._last_idle_status = now
+                self._send_status(now)
+            return
+        for p in partials.values():
+            p.passed = True
+        # one NAK datagram per receiver covers every object: only a short spread is needed
+        at = max(now, self._last_nak + self._nak_gap())
+        at += self._rng.uniform(0, self._config.nak_delay / 5)
+        if self._nak_at is None or at < self._nak_at:
+            self._nak_at = at
 
     def _on_join_ack(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
         assert isinstance(msg, wire.JoinAck) and self._announce is not None
@@ -623,7 +676,7 @@ class ReceiverSession:
     def _on_fragment(self, obj: int, size: int, frag: int, payload: memoryview, now: float) -> None:
         done = self._objs.fragment(obj, size, frag, payload, now)
         if self._nak_at is None and self._objs.partials:
-            start = max(now, self._last_nak + self._config.nak_interval)
+            start = max(now, self._last_nak + self._nak_gap())
             self._nak_at = start + self._rng.uniform(0, self._config.nak_delay)
         if done is not None:
             self._complete(obj, done, now)
@@ -744,8 +797,17 @@ class ReceiverSession:
         size = min(self._config.payload_size, self._announce.payload_size)
         return size - wire.HEADER.size - wire.TAG_SIZE - fixed
 
+    def _hurry_join(self, now: float) -> None:
+        """Data flows and we are not in: our JOIN or its JOIN_ACK was lost. JOIN again now
+        (at most every JOIN_HURRY), not at the retry's backoff: every datagram until then
+        is one we drop."""
+        join = self._join
+        if join is not None:
+            join.next = min(join.next, max(now, self._join_sent_at + JOIN_HURRY))
+
     def _send_join(self, now: float) -> None:
         assert self._join is not None
+        self._join_sent_at = now
         if self._join.expired(now):
             # Nobody answers: a dead or replayed session. Forget it and listen again (§3.1).
             self._counts["join_timeouts"] += 1
@@ -761,15 +823,16 @@ class ReceiverSession:
 
     def _send_naks(self, now: float) -> None:
         cfg = self._config
-        due = self._objs.due_naks(now, cfg.nak_idle, cfg.nak_repeat)
+        due = self._objs.due_naks(now, cfg.nak_idle, self._nak_repeat())
         if due:
             for body in nak_bodies(self._meter.max_seq, due, self._capacity(0)):
                 self._send(PacketType.NAK, body)
                 self._counts["naks_sent"] += 1
             for _obj, p in due:
                 p.naked_at = now
+                p.answered = False
             self._last_nak = now
-        self._nak_at = now + self._jitter(cfg.nak_interval) if self._objs.partials else None
+        self._nak_at = now + self._jitter(self._nak_gap()) if self._objs.partials else None
 
     def _send_status(self, now: float) -> None:
         loss, rx_bps, write_bps = self._meter.report(now, self._objs.dropped_frags)

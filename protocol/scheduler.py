@@ -86,6 +86,8 @@ class Scheduler:
         #: object -> receiver id -> (receiver, the fragments it asked for): a fragment only
         #: one receiver asked for goes to it alone (§4.3)
         self.askers: dict[int, dict[int, tuple[Member, int]]] = {}
+        #: whether fragments one receiver alone asked for go to it alone (the sender decides)
+        self.solo_repairs = False
         #: object -> (time, mask, seq of its last datagram; None while still queued)
         self.recent_repairs: dict[int, tuple[float, int, int | None]] = {}
         #: object -> when it was last sent, by repair or sweep
@@ -119,9 +121,8 @@ class Scheduler:
             return
         recent = self.recent_repairs.get(obj)
         if recent is not None and (
-            recent[2] is None
-            or unseen(recent[2], seen)
-            or now - recent[0] < self._config.repair_holdoff
+            recent[2] is None  # still queued
+            or unseen(recent[2], seen)  # the NAK crossed the repair
         ):
             mask &= ~recent[1]
         if mask:
@@ -139,13 +140,13 @@ class Scheduler:
         waits for receivers (only manifest chunks and repairs go then).
         """
         if self.repairs:
-            self._queue_repair(self.repairs, now, len(needs))
+            self._queue_repair(self.repairs, now)
             return True
         obj = self._next_manifest_chunk(now, needs)
         if obj is None and sweeping:
             obj = self._next_sweep_object(now, [n for n in needs if not n.outlier])
         if obj is None and self.low_repairs:  # outliers: only when nothing else waits
-            self._queue_repair(self.low_repairs, now, len(needs))
+            self._queue_repair(self.low_repairs, now)
             return True
         if obj is None and sweeping:
             obj = self._next_sweep_object(now, [n for n in needs if n.outlier])
@@ -157,7 +158,7 @@ class Scheduler:
         self._queue_object(obj, range(self.fragments(obj)), 0)
         return True
 
-    def _queue_repair(self, queue: dict[int, int], now: float, receivers: int) -> None:
+    def _queue_repair(self, queue: dict[int, int], now: float) -> None:
         """Queue the repair of the lowest object asked for: fragments only one receiver
         asked for go to it alone (unicast), the rest to the group (§4.3)."""
         obj = min(queue)
@@ -167,7 +168,7 @@ class Scheduler:
             mask |= other.pop(obj)
         self.last_sent[obj] = now
         askers = self.askers.pop(obj, None)
-        if askers and receivers > 1:
+        if askers and self.solo_repairs:
             once = twice = 0
             for _, asked in askers.values():
                 twice |= once & asked

@@ -77,6 +77,9 @@ FLAG_UNICAST = 0x04
 ANNOUNCE_ABORTED = 0x01  #: ANNOUNCE flags: the session was aborted (state ENDING)
 #: ANNOUNCE flags: every DATA datagram is tagged; a receiver drops untagged ones (§6.1).
 ANNOUNCE_TAGGED_DATA = 0x02
+#: ANNOUNCE flags: the sender's queue ran dry: every burst sent before this one is complete,
+#: so whatever a receiver still lacks of them is lost, not on its way (§4.3).
+ANNOUNCE_IDLE = 0x04
 JOIN_NEED_MANIFEST = 0x01
 
 
