@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 
-from simnet import KEY, SESSION_ID, Link, SimNet, make_image
+from simnet import KEY, SESSION_ID, Link, SimNet, SimReceiver, make_image
 
 from protocol import wire
 from protocol.config import EngineConfig
@@ -26,6 +26,17 @@ def _forge_block(net: SimNet, index: int, flags: int = 0) -> list[bytes]:
     data = wire.pack_fragments(KEY, header, 1 << 20, index, bytes(size), frags, fp, flags)
     seg = wire.data_segment(fp, flags)
     return [data[i : i + seg] for i in range(0, len(data), seg)]
+
+
+def _forge_at(net: SimNet, r: SimReceiver, index: int, times: list[float]) -> None:
+    """Hand ``r`` a forged copy of block ``index`` at each of ``times``."""
+
+    def inject() -> None:
+        for d in _forge_block(net, index):
+            r.session.receive_datagram(d, ("6.6.6.6", 1), net.now)
+
+    for t in times:
+        net.at(t, inject)
 
 
 def _sent_data_flags(net: SimNet) -> list[int]:
@@ -60,13 +71,8 @@ def test_a_forged_untagged_copy_fails_its_hash_and_the_block_comes_again_tagged(
     config = EngineConfig(initial_rate_bps=50_000_000)  # still receiving at every injection
     net = SimNet(2, image, config, min_receivers=1)
     r = net.add_receiver("r")
-    target = max(image.raw)  # swept last: the forgery arrives first
-
-    def inject() -> None:
-        for d in _forge_block(net, target):
-            r.session.receive_datagram(d, ("6.6.6.6", 1), net.now)
-
-    net.at(0.003, inject)
+    # the block swept last: the forgery arrives first
+    _forge_at(net, r, max(image.raw), [0.003])
     net.run()
     assert net.outcome(r) == "completed"
     net.check_disk(r)  # the genuine bytes, never the forged ones
@@ -82,14 +88,7 @@ def test_once_a_block_failed_untagged_its_untagged_datagrams_are_dropped() -> No
     config = EngineConfig(initial_rate_bps=50_000_000)
     net = SimNet(3, image, config, min_receivers=1)
     r = net.add_receiver("r")
-    target = max(image.raw)
-
-    def inject() -> None:
-        for d in _forge_block(net, target):
-            r.session.receive_datagram(d, ("6.6.6.6", 1), net.now)
-
-    for k in range(1, 40):  # a forger that keeps trying
-        net.at(0.003 * k, inject)
+    _forge_at(net, r, max(image.raw), [0.003 * k for k in range(1, 40)])  # it keeps trying
     net.run()
     assert net.outcome(r) == "completed"
     net.check_disk(r)
@@ -117,13 +116,7 @@ def test_with_tag_data_every_datagram_is_tagged_and_untagged_ones_are_dropped() 
     net = SimNet(5, image, config, min_receivers=1)
     flags = _sent_data_flags(net)
     r = net.add_receiver("r")
-    target = max(image.raw)
-
-    def inject() -> None:
-        for d in _forge_block(net, target):
-            r.session.receive_datagram(d, ("6.6.6.6", 1), net.now)
-
-    net.at(0.003, inject)
+    _forge_at(net, r, max(image.raw), [0.003])
     net.run()
     assert net.outcome(r) == "completed"
     net.check_disk(r)
