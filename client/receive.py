@@ -32,7 +32,12 @@ from client.delta import DiskHolding, ScanError, receive_holding
 from client.disk import DiskError, Target, TargetError
 from client.pipeline import BlockPipeline
 from client.progress import ProgressBar
-from client.transport import SessionTransport, TransportError, open_multicast_socket
+from client.transport import (
+    SessionTransport,
+    TransportError,
+    open_multicast_socket,
+    open_unicast_socket,
+)
 from protocol import events as ev
 from protocol.config import EngineConfig
 from protocol.keys import KeyFormatError, parse_key
@@ -120,6 +125,11 @@ class Receiver:
         loop = asyncio.get_running_loop()
         self._done = asyncio.Event()
         sock = open_multicast_socket(self.group, self.port, self.iface)
+        try:
+            unicast = open_unicast_socket()
+        except TransportError:
+            sock.close()
+            raise
         session = ReceiverSession(
             key=self.key, config=self.config, now=loop.time(), rng=random.Random()
         )
@@ -133,6 +143,7 @@ class Receiver:
             default_addr=(self.group, self.port),
             on_event=self._on_event,
             on_error=self._internal_error,
+            unicast=unicast,
         )
         self._transport.start()
         try:

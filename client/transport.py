@@ -96,6 +96,26 @@ def open_multicast_socket(group: str, port: int, iface: str, rcvbuf: int = RCVBU
     return sock
 
 
+def open_unicast_socket(rcvbuf: int = RCVBUF) -> socket.socket:
+    """A non-blocking UDP socket on an ephemeral port: the receiver's own address.
+
+    Its control datagrams go out from it, so the sender learns where to send the repairs
+    only this receiver asked for (docs/PROTOCOL.md §4.3); they come in on it, never on the
+    group socket, so several receivers on one host each get their own.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        _set_rcvbuf(sock, rcvbuf)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        sock.bind(("0.0.0.0", 0))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"cannot open the receiver's unicast socket: {exc.strerror}") from None
+    return sock
+
+
 def _gro_on(sock: socket.socket) -> bool:
     try:
         return bool(sock.getsockopt(SOL_UDP, UDP_GRO))
@@ -111,7 +131,8 @@ def _set_rcvbuf(sock: socket.socket, size: int) -> None:
 
 
 class SessionTransport:
-    """Drives a sans-I/O session (ReceiverSession) from one datagram socket.
+    """Drives a sans-I/O session (ReceiverSession) from a datagram socket, and optionally
+    a second, ``unicast`` one that sends every Transmit and reads what comes back to it.
 
     ``session`` must offer receive_datagram / datagrams_to_send / get_timer /
     handle_timer / next_event; ``default_addr`` is where a Transmit with no address goes.
@@ -130,9 +151,12 @@ class SessionTransport:
         on_event: Callable[[object], None],
         on_error: Callable[[BaseException], None] = lambda exc: None,
         copy_datagrams: bool = False,
+        unicast: socket.socket | None = None,
     ) -> None:
         self.session = session
         self.sock = sock
+        self.unicast = unicast
+        self._socks = [sock] if unicast is None else [sock, unicast]
         self.stats = TransportStats(
             rcvbuf=sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), gro=_gro_on(sock)
         )
@@ -179,13 +203,15 @@ class SessionTransport:
     def pause_reading(self) -> None:
         """Stop reading the socket (datagrams wait in the kernel buffer)."""
         if self._reading:
-            self._loop.remove_reader(self.sock.fileno())
+            for sock in self._socks:
+                self._loop.remove_reader(sock.fileno())
             self._reading = False
 
     def resume_reading(self) -> None:
         """Read the socket again."""
         if not self._reading and not self._closed:
-            self._loop.add_reader(self.sock.fileno(), self.call, self._on_readable)
+            for sock in self._socks:
+                self._loop.add_reader(sock.fileno(), self.call, self._on_readable, sock)
             self._reading = True
 
     def process(self) -> None:
@@ -216,12 +242,13 @@ class SessionTransport:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.sock.close()
+        for sock in self._socks:
+            sock.close()
 
     # -- internals ----------------------------------------------------------------------
 
-    def _on_readable(self) -> None:
-        sock, view, session, stats = self.sock, self._view, self.session, self.stats
+    def _on_readable(self, sock: socket.socket) -> None:
+        view, session, stats = self._view, self.session, self.stats
         now = self._loop.time()
         before = stats.datagrams_in
         self._read_batch(sock, view, session, stats, now)
@@ -279,9 +306,10 @@ class SessionTransport:
         addr = transmit.addr or self._default_addr
         data = transmit.data
         seg = transmit.segment_size or len(data)
+        out = self.unicast or self.sock
         for start in range(0, len(data), seg):
             try:
-                self.sock.sendto(data[start : start + seg], addr)
+                out.sendto(data[start : start + seg], addr)
                 self.stats.datagrams_out += 1
             except OSError as exc:
                 # Control datagrams are repeated by the protocol until acknowledged, so a

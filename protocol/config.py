@@ -89,7 +89,7 @@ class EngineConfig:
     join_timeout: float = 10.0
     """Give up on a session whose sender does not answer JOIN for this long."""
 
-    control_retry: float = 0.1
+    control_retry: float = 0.03
     """First retry interval of DONE / LEAVE / EVICT; doubles up to control_retry_max."""
 
     control_retry_max: float = 1.0
@@ -119,8 +119,10 @@ class EngineConfig:
     nak_repeat: float = 0.15
     """Receiver: NAK the same object again only after this long without progress."""
 
-    repair_holdoff: float = 0.02
-    """Sender: do not repair a fragment again within this long (the NAK crossed it)."""
+    nak_min: float = 0.01
+    """Receiver: the least NAK gap and repeat time once repairs are seen to come quickly:
+    both follow the measured wait from a NAK to its first repair (§4.3), between nak_min
+    and nak_interval / nak_repeat."""
 
     sweep_holdoff: float = 0.1
     """Sender: do not sweep the same object again within this long (§4.2)."""
@@ -138,7 +140,13 @@ class EngineConfig:
     """Receiver: most stored bytes handed to the shell and not yet verified; beyond, drop."""
 
     max_block_failures: int = 5
-    """Receiver: fail when one block fails verification this many times."""
+    """Receiver: fail when one block fails verification this many times (counting only
+    copies made of tagged datagrams: an untagged copy that fails may be forged, §6.1)."""
+
+    tag_data: bool = False
+    """Sender: tag every DATA datagram, not only manifest chunks and the blocks a receiver
+    asked to be authenticated (§6.1). Costs ~1.5 µs per datagram at both ends; buys that
+    a forger on the LAN cannot make receivers fetch a block twice."""
 
     receiver_timeout: float = 5.0
     """Sender: evict a receiver silent for this long (§7)."""

@@ -75,6 +75,8 @@ class Member:
     bytes_done: int = 0
     write_bps: int = 0
     rx_bps: int = 0  #: UDP payload bits/s it received from us over its last STATUS interval
+    #: the last seq of the datagrams sent to it alone (FLAG_UNICAST), a space of its own
+    useq: int = 0
     lag: float = 0.0  #: how far behind our sending its reading was at its last STATUS (s)
     backlog: int = 0
     reason: str = ""

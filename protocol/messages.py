@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ class Nak:
 
     seen: int
     entries: list[tuple[int, int, int]]
+    #: (start, end) object ranges whose untagged copy failed verification: send them again
+    #: with tagged datagrams only (§6.1)
+    auth: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

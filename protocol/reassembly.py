@@ -36,6 +36,7 @@ class Partial:
     """
 
     __slots__ = (
+        "answered",
         "buf",
         "cost",
         "count",
@@ -65,6 +66,8 @@ class Partial:
         #: a datagram of another object arrived after our last fragment (§4.3)
         self.passed = False
         self.naked_at = -1e9
+        #: a repair came since our last NAK of it (its wait was measured, §4.3)
+        self.answered = True
 
     def missing(self) -> list[int]:
         """Indices of the fragments not received, ascending."""
@@ -98,7 +101,9 @@ class Reassembly:
         self._manifest_size = 0
         self._block_size = 0
         self._stored_sizes: array[int] | None = None
-        self.fragments = self.duplicates = self.partials_dropped = self.partials_compacted = 0
+        self.fragments = self.duplicates = self.partials_dropped = 0
+        #: partials held as their fragments alone (started so, or compacted): memory bound
+        self.partials_compacted = 0
         #: fragments thrown away since the last STATUS (reported as loss)
         self.dropped_frags = 0
 
@@ -115,6 +120,11 @@ class Reassembly:
     def apply_manifest(self, manifest: Manifest, data: RangeSet) -> None:
         """Only DATA blocks are sent: the others are SKIP and never needed."""
         self._stored_sizes = manifest.stored_sizes
+        for obj in [o for o, p in self.partials.items() if o < MANIFEST_BASE]:
+            if self.partials[obj].size != manifest.stored_sizes[obj]:
+                # begun before the manifest by a datagram with a wrong size (forged, §6.1)
+                self.drop_partial(obj)
+                self.set_state(obj, NEEDED)
         for i, kind in enumerate(manifest.kinds):
             if kind:
                 self.blocks[i] = SKIP
@@ -198,6 +208,8 @@ class Reassembly:
         # and throwing them away to make room would only have them sent again (§4.3).
         dense = self.partial_bytes + size <= self._max_bytes // 2
         p = Partial(size, -(-size // self._fp), now, self._buffer(size) if dense else None)
+        if not dense:
+            self.partials_compacted += 1
         self.partials[obj] = p
         self.partial_bytes += p.cost
         states[index] = PARTIAL
@@ -337,6 +349,10 @@ def nak_bodies(seen: int, due: Sequence[tuple[int, Partial]], capacity: int) -> 
     return wire.encode_nak_bodies(seen, [], [(obj, p.missing()) for obj, p in due], capacity)
 
 
+#: Most an untagged datagram may move a receiver's highest seen seq (~0.8 s at 1 Gbit/s).
+UNTAGGED_SEQ_STEP = 1 << 16
+
+
 class Meter:
     """What a receiver measures between two STATUS reports (§4.4): loss, rates."""
 
@@ -345,15 +361,20 @@ class Meter:
         "_last",
         "_rx",
         "_rx_bytes",
+        "_ubase",
         "_written",
         "expected_total",
         "last_loss",
         "lost_total",
         "max_seq",
+        "max_useq",
     )
 
     def __init__(self, seq: int, now: float) -> None:
         self.max_seq = self._base = seq
+        #: the highest seq of datagrams sent to us alone (FLAG_UNICAST: their own space,
+        #: starting at 0 when we join)
+        self.max_useq = self._ubase = 0
         self._rx = self._rx_bytes = self._written = 0
         self._last = now
         #: the loss fraction of the last report, and the sums over every report so far
@@ -366,6 +387,22 @@ class Meter:
         self._rx_bytes += size
         if 0 < (seq - self.max_seq) & 0xFFFFFFFF < 0x80000000:
             self.max_seq = seq
+
+    def seen_near(self, seq: int, size: int) -> None:
+        """``seen`` for an untagged datagram (§6.1): its seq may be forged, so it moves the
+        highest seq at most UNTAGGED_SEQ_STEP ahead (a tagged ANNOUNCE resyncs the rest)."""
+        self._rx += 1
+        self._rx_bytes += size
+        if 0 < (seq - self.max_seq) & 0xFFFFFFFF < UNTAGGED_SEQ_STEP:
+            self.max_seq = seq
+
+    def seen_unicast(self, seq: int, size: int, tagged: bool) -> None:
+        """``seen`` for a datagram sent to us alone (FLAG_UNICAST): its own seq space."""
+        self._rx += 1
+        self._rx_bytes += size
+        step = 0x80000000 if tagged else UNTAGGED_SEQ_STEP
+        if 0 < (seq - self.max_useq) & 0xFFFFFFFF < step:
+            self.max_useq = seq
 
     @property
     def total_loss(self) -> float:
@@ -384,6 +421,7 @@ class Meter:
         figures for the receiver's stats.
         """
         expected = (self.max_seq - self._base) & 0xFFFFFFFF
+        expected += (self.max_useq - self._ubase) & 0xFFFFFFFF
         lost = max(0, expected - self._rx) + dropped
         loss = min(1.0, lost / expected) if expected else 0.0
         self.last_loss = loss
@@ -391,7 +429,7 @@ class Meter:
         self.expected_total += expected
         elapsed = max(now - self._last, 1e-6)
         rates = int(self._rx_bytes * 8 / elapsed), int(self._written / elapsed)
-        self._base, self._last = self.max_seq, now
+        self._base, self._ubase, self._last = self.max_seq, self.max_useq, now
         self._rx = self._rx_bytes = self._written = 0
         return loss, *rates
 

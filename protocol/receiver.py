@@ -53,9 +53,15 @@ _DATA_HEAD = wire.DATA_HEADER.size
 _DATA_MIN = wire.DATA_OVERHEAD
 _DATA = int(PacketType.DATA)
 _TAG = wire.TAG_SIZE
+_TAGGED = wire.FLAG_TAGGED
+_UNICAST = wire.FLAG_UNICAST
+_REPAIR = wire.FLAG_REPAIR
+_FLAGS_AT = _DATA_HEAD - 2  #: offset of a DATA datagram's flags byte
 _compare = hmac.compare_digest
 #: How long to wait for an ABORT's reason once an ANNOUNCE says the session was aborted.
 ABORT_GRACE = 0.5
+#: Least time between JOINs sent because data flows while we wait for a JOIN_ACK.
+JOIN_HURRY = 0.01
 _mac = wire._mac
 
 
@@ -137,6 +143,18 @@ class ReceiverSession:
         self._handed_bufs: dict[int, memoryview] = {}
         self._handed_bytes = 0
         self._failures: Counter[int] = Counter()
+        #: §6.1: every DATA must be tagged (the ANNOUNCE says so), or untagged DATA is
+        #: taken too (the manifest's block hashes authenticate what it carries)
+        self._tagged_only = False
+        self._untagged_ok = False
+        #: blocks whose untagged copy failed verification: only tagged datagrams from now
+        #: on; those still needed are asked for again (NAK AUTH) with every STATUS
+        self._strict: set[int] = set()
+        self._auth_pending: set[int] = set()
+        #: smoothed wait from a NAK to the first repair of its object (§4.3)
+        self._repair_wait = config.nak_repeat / 3
+        self._last_idle_status = -1e9
+        self._join_sent_at = -1e9
         # timers; None = not armed
         self._join: Retry | None = None
         self._next_status: float | None = None
@@ -200,8 +218,13 @@ class ReceiverSession:
         try:
             view = memoryview(data)
             n = len(view)
-            if n > _DATA_MIN and view[3] == _DATA and self._state is ReceiverState.RECEIVING:
-                self._fast_data(view, n, now)  # the hot path: same checks, fewer calls
+            if n > _DATA_HEAD and view[3] == _DATA:
+                if self._state is ReceiverState.RECEIVING:
+                    self._fast_data(view, n, now)  # the hot path: same checks, fewer calls
+                elif view[_FLAGS_AT] & _TAGGED:
+                    self._receive(view, addr, now)
+                else:
+                    self._untagged_elsewhere(view, now)
             else:
                 self._receive(view, addr, now)
             self._n_accepted += 1
@@ -224,7 +247,7 @@ class ReceiverSession:
             view = data[start:end]
             size = end - start
             start = end
-            if size > _DATA_MIN and view[3] == _DATA and self._state is ReceiverState.RECEIVING:
+            if size > _DATA_HEAD and view[3] == _DATA and self._state is ReceiverState.RECEIVING:
                 self._now = now
                 self._n_datagrams += 1
                 try:
@@ -241,23 +264,77 @@ class ReceiverSession:
                 self.receive_datagram(view, addr, now)
 
     def _fast_data(self, view: memoryview, n: int, now: float) -> None:
-        """A DATA datagram while receiving: §2.2 checks in order, then reassembly."""
-        magic, version, _t, session, source, instance, seq, obj, size, frag, _f = (
+        """A DATA datagram while receiving: §2.2 checks in order, then reassembly.
+
+        An untagged datagram (§6.1) is taken only for a block (the manifest's hash checks it)
+        whose untagged copy never failed; it does not count as word from the
+        sender (timeouts) and moves the loss meter only a bounded step.
+        """
+        magic, version, _t, session, source, instance, seq, obj, size, frag, flags = (
             _DATA_HEADER.unpack_from(view)
         )
         if magic != wire.MAGIC or version != wire.VERSION:
             raise WireError("bad_magic" if magic != wire.MAGIC else "bad_version")
-        mac = _mac(self._key).copy()
-        mac.update(view[: n - _TAG])
-        if not _compare(mac.digest()[:_TAG], view[n - _TAG :]):
-            raise WireError("bad_tag")
+        tagged = flags & _TAGGED
+        if tagged:
+            if n <= _DATA_MIN:
+                raise WireError("short", f"{n} bytes")
+            end = n - _TAG
+            mac = _mac(self._key).copy()
+            mac.update(view[:end])
+            if not _compare(mac.digest()[:_TAG], view[end:]):
+                raise WireError("bad_tag")
+        elif not self._untagged_ok or obj in self._strict or obj >= MANIFEST_BASE:
+            raise WireError("untagged")
+        else:
+            end = n
         if session != self._session or instance != self._sender_instance:
             raise WireError("foreign_session")
         if source:
             raise WireError("invalid", "sender datagram with a receiver id")
-        self._last_heard = now
-        self._meter.seen(seq, n)
-        self._on_fragment(obj, size, frag, view[_DATA_HEAD : n - _TAG], now)
+        if flags & _REPAIR:
+            self._repair_came(obj, now)
+        if flags & _UNICAST:
+            self._meter.seen_unicast(seq, n, bool(tagged))
+            if tagged:
+                self._last_heard = now
+        elif tagged:
+            self._last_heard = now
+            self._meter.seen(seq, n)
+        else:
+            self._meter.seen_near(seq, n)
+        self._on_fragment(obj, size, frag, view[_DATA_HEAD:end], now)
+
+    def _repair_came(self, obj: int, now: float) -> None:
+        """Measure how long repairs take to come after a NAK (§4.3)."""
+        p = self._objs.partials.get(obj)
+        if p is not None and not p.answered:
+            p.answered = True
+            wait = now - p.naked_at
+            if 0.0 <= wait < 1.0:
+                self._repair_wait += 0.25 * (wait - self._repair_wait)
+
+    def _nak_gap(self) -> float:
+        """Least time between NAK bursts: twice the repair wait, within its bounds."""
+        cfg = self._config
+        return min(cfg.nak_interval, max(cfg.nak_min, 2 * self._repair_wait))
+
+    def _nak_repeat(self) -> float:
+        """NAK an object again after this long without progress: three repair waits."""
+        cfg = self._config
+        return min(cfg.nak_repeat, max(cfg.nak_min, 3 * self._repair_wait))
+
+    def _untagged_elsewhere(self, view: memoryview, now: float) -> None:
+        """An untagged DATA datagram outside RECEIVING: not for us yet, or no longer."""
+        if self._state is ReceiverState.JOINING:
+            _m, _v, _t, session, _s, instance, *_ = _DATA_HEADER.unpack_from(view)
+            if session == self._session and instance == self._sender_instance:
+                self._hurry_join(now)
+        if self._state in (ReceiverState.LISTENING, ReceiverState.JOINING):
+            raise WireError("not_joined")
+        if self._state is ReceiverState.CLOSED:
+            raise WireError("closed")
+        self._objs.duplicates += 1
 
     def datagrams_to_send(self, now: float) -> list[Transmit]:
         """JOIN, NAK, STATUS, DONE and LEAVE datagrams due at ``now`` (unicast to the sender)."""
@@ -334,8 +411,15 @@ class ReceiverSession:
             return
         self._settle(index)
         self._objs.set_state(index, NEEDED)
-        self._failures[index] += 1
         self._counts["blocks_failed"] += 1
+        if not self._tagged_only and index not in self._strict:
+            # Its copy may hold forged untagged datagrams: get it again, tagged (§6.1).
+            self._strict.add(index)
+            self._auth_pending.add(index)
+            self._counts["untagged_blocks_failed"] += 1
+            self._send_auth()
+            return
+        self._failures[index] += 1
         if self._failures[index] >= self._config.max_block_failures:
             self.fail(
                 now, f"block {index} failed verification {self._failures[index]} times: {reason}"
@@ -404,14 +488,14 @@ class ReceiverSession:
                 self._abort("the sender aborted the session (its reason was lost on the way)")
                 return True
         if self._state is ReceiverState.LISTENING:
-            if cfg.listen_timeout is not None and now - self._created >= cfg.listen_timeout:
+            if cfg.listen_timeout is not None and now >= self._created + cfg.listen_timeout:
                 self._abort(
                     f"no fleetcast session heard in {cfg.listen_timeout:.0f} s", "no-session"
                 )
                 return True
         elif (
             self._state is not ReceiverState.LEAVING
-            and now - self._last_heard >= cfg.sender_timeout
+            and now >= self._last_heard + cfg.sender_timeout
         ):
             self._abort(f"nothing heard from the sender for {now - self._last_heard:.1f} s")
             return True
@@ -443,12 +527,18 @@ class ReceiverSession:
             PacketType.ANNOUNCE,
             PacketType.JOIN_ACK,
         ):
+            if ptype == PacketType.DATA:
+                self._hurry_join(now)
             raise WireError("not_joined")
         self._last_heard = now
-        self._meter.seen(hdr.seq, len(data))
         if ptype == PacketType.DATA:
+            if len(body) > _BODY_SIZE and body[_BODY_SIZE - 2] & _UNICAST:
+                self._meter.seen_unicast(hdr.seq, len(data), True)
+            else:
+                self._meter.seen(hdr.seq, len(data))
             self._on_data(body, now)
             return
+        self._meter.seen(hdr.seq, len(data))
         msg = wire.DECODERS[ptype](body)
         self._HANDLERS[ptype](self, hdr, msg, now)
 
@@ -464,6 +554,8 @@ class ReceiverSession:
             raise WireError("invalid", "announce geometry")
         self._session, self._sender_instance = hdr.session, hdr.instance
         self._sender, self._announce = addr, a
+        self._tagged_only = bool(a.flags & wire.ANNOUNCE_TAGGED_DATA)
+        self._untagged_ok = not self._tagged_only
         self._last_heard = now
         self._set_state(ReceiverState.JOINING)
         cfg = self._config
@@ -480,6 +572,8 @@ class ReceiverSession:
         ):
             raise WireError("invalid", "announce changed within the session")
         self._announce = msg
+        if msg.flags & wire.ANNOUNCE_IDLE and self._state is ReceiverState.RECEIVING:
+            self._sender_idle(now)
         if msg.state == wire.AnnounceState.ENDING and self._state in (
             ReceiverState.JOINING,
             ReceiverState.RECEIVING,
@@ -491,6 +585,23 @@ class ReceiverSession:
                     self._abort_deadline = now + ABORT_GRACE
             else:
                 self._abort("the sender ended the session before this receiver completed")
+
+    def _sender_idle(self, now: float) -> None:
+        """The sender has nothing queued: what our partials lack is lost; NAK it soon.
+        Objects we lack entirely it learns from STATUS: one goes now, not at its period."""
+        partials = self._objs.partials
+        if not partials:
+            if self._objs.needed and now - self._last_idle_status >= self._nak_gap():
+                self._last_idle_status = now
+                self._send_status(now)
+            return
+        for p in partials.values():
+            p.passed = True
+        # one NAK datagram per receiver covers every object: only a short spread is needed
+        at = max(now, self._last_nak + self._nak_gap())
+        at += self._rng.uniform(0, self._config.nak_delay / 5)
+        if self._nak_at is None or at < self._nak_at:
+            self._nak_at = at
 
     def _on_join_ack(self, hdr: wire.Header, msg: wire.Message, now: float) -> None:
         assert isinstance(msg, wire.JoinAck) and self._announce is not None
@@ -566,7 +677,7 @@ class ReceiverSession:
     def _on_fragment(self, obj: int, size: int, frag: int, payload: memoryview, now: float) -> None:
         done = self._objs.fragment(obj, size, frag, payload, now)
         if self._nak_at is None and self._objs.partials:
-            start = max(now, self._last_nak + self._config.nak_interval)
+            start = max(now, self._last_nak + self._nak_gap())
             self._nak_at = start + self._rng.uniform(0, self._config.nak_delay)
         if done is not None:
             self._complete(obj, done, now)
@@ -687,8 +798,17 @@ class ReceiverSession:
         size = min(self._config.payload_size, self._announce.payload_size)
         return size - wire.HEADER.size - wire.TAG_SIZE - fixed
 
+    def _hurry_join(self, now: float) -> None:
+        """Data flows and we are not in: our JOIN or its JOIN_ACK was lost. JOIN again now
+        (at most every JOIN_HURRY), not at the retry's backoff: every datagram until then
+        is one we drop."""
+        join = self._join
+        if join is not None:
+            join.next = min(join.next, max(now, self._join_sent_at + JOIN_HURRY))
+
     def _send_join(self, now: float) -> None:
         assert self._join is not None
+        self._join_sent_at = now
         if self._join.expired(now):
             # Nobody answers: a dead or replayed session. Forget it and listen again (§3.1).
             self._counts["join_timeouts"] += 1
@@ -704,15 +824,16 @@ class ReceiverSession:
 
     def _send_naks(self, now: float) -> None:
         cfg = self._config
-        due = self._objs.due_naks(now, cfg.nak_idle, cfg.nak_repeat)
+        due = self._objs.due_naks(now, cfg.nak_idle, self._nak_repeat())
         if due:
             for body in nak_bodies(self._meter.max_seq, due, self._capacity(0)):
                 self._send(PacketType.NAK, body)
                 self._counts["naks_sent"] += 1
             for _obj, p in due:
                 p.naked_at = now
+                p.answered = False
             self._last_nak = now
-        self._nak_at = now + self._jitter(cfg.nak_interval) if self._objs.partials else None
+        self._nak_at = now + self._jitter(self._nak_gap()) if self._objs.partials else None
 
     def _send_status(self, now: float) -> None:
         loss, rx_bps, write_bps = self._meter.report(now, self._objs.dropped_frags)
@@ -738,7 +859,20 @@ class ReceiverSession:
         )
         self._send(PacketType.STATUS, wire.encode_status(status, encoded))
         self._counts["status_sent"] += 1
+        if self._auth_pending:
+            self._send_auth()
         self._next_status = now + self._jitter(self._config.status_interval)
+
+    def _send_auth(self) -> None:
+        """NAK AUTH for the strict blocks still needed: send them tagged (§6.1)."""
+        blocks = self._objs.blocks
+        self._auth_pending = {i for i in self._auth_pending if blocks[i] == NEEDED}
+        ranges = RangeSet.from_values(self._auth_pending)
+        for body in wire.encode_nak_bodies(
+            self._meter.max_seq, [], [], self._capacity(0), auth=list(ranges)
+        ):
+            self._send(PacketType.NAK, body)
+            self._counts["auth_naks_sent"] += 1
 
     def _send_control(self, now: float) -> None:
         assert self._control is not None

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from protocol import wire
 from protocol.config import EngineConfig
 from protocol.manifest import Manifest
+from protocol.members import Member
 from protocol.rangeset import RangeSet
 from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, Transmit
 
@@ -75,12 +76,18 @@ class Scheduler:
         self._counts = counts
         self._fp = config.fragment_payload
         self.chunks = max(1, -(-len(manifest_bytes) // MANIFEST_CHUNK))
-        #: bursts queued but not packed yet: (object, fragments, flags, last of its burst).
-        #: Packing (seq numbers, tags) happens as each goes out, so seq order is send order.
-        self.pending: deque[tuple[int, Sequence[int], int, bool]] = deque()
+        #: bursts queued but not packed yet: (object, fragments, flags, last of its burst,
+        #: the one receiver it goes to or None for the group). Packing (seq numbers, tags)
+        #: happens as each goes out, so seq order is send order.
+        self.pending: deque[tuple[int, Sequence[int], int, bool, Member | None]] = deque()
         #: object -> fragment mask to repair; outliers' repairs wait in low_repairs (§4.3)
         self.repairs: dict[int, int] = {}
         self.low_repairs: dict[int, int] = {}
+        #: object -> receiver id -> (receiver, the fragments it asked for): a fragment only
+        #: one receiver asked for goes to it alone (§4.3)
+        self.askers: dict[int, dict[int, tuple[Member, int]]] = {}
+        #: whether fragments one receiver alone asked for go to it alone (the sender decides)
+        self.solo_repairs = False
         #: object -> (time, mask, seq of its last datagram; None while still queued)
         self.recent_repairs: dict[int, tuple[float, int, int | None]] = {}
         #: object -> when it was last sent, by repair or sweep
@@ -98,8 +105,12 @@ class Scheduler:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         #: bytes of outlier-only work the last fill() queued (0: none)
         self.low_bytes = 0
+        #: objects whose datagrams are tagged: a receiver's untagged copy failed (§6.1)
+        self.tagged: set[int] = set()
 
-    def add_repair(self, obj: int, mask: int, now: float, low: bool, seen: int) -> None:
+    def add_repair(
+        self, obj: int, mask: int, now: float, low: bool, seen: int, who: Member | None = None
+    ) -> None:
         """Merge a NAK's fragment mask for ``obj``, minus what its sender has not yet seen
         us repair (the repair is in its socket buffer or on the way) or we repaired just now;
         nothing when it has not yet read to the end of the object's last sweep (§4.2).
@@ -112,14 +123,17 @@ class Scheduler:
             return
         recent = self.recent_repairs.get(obj)
         if recent is not None and (
-            recent[2] is None
-            or unseen(recent[2], seen)
-            or now - recent[0] < self._config.repair_holdoff
+            recent[2] is None  # still queued
+            or unseen(recent[2], seen)  # the NAK crossed the repair
         ):
             mask &= ~recent[1]
         if mask:
             queue = self.low_repairs if low else self.repairs
             queue[obj] = queue.get(obj, 0) | mask
+            if who is not None:
+                askers = self.askers.setdefault(obj, {})
+                had = askers.get(who.receiver_id)
+                askers[who.receiver_id] = (who, mask | (had[1] if had else 0))
 
     def fill(self, now: float, sweeping: bool, needs: list[Need], low_ok: bool = True) -> bool:
         """Queue the next object's Transmits (§4.2 order); False when there is nothing.
@@ -153,11 +167,15 @@ class Scheduler:
         return True
 
     def _queue_repair(self, queue: dict[int, int], now: float) -> int:
-        """Queue the next repair of ``queue``; return the object bytes it carries."""
-        # Manifest chunks first (nothing can be handed on without the manifest), then
-        # objects in the order first asked for: a receiver behind a slow port NAKs a
-        # stream of low block numbers, and by lowest first another one's repair of a
-        # higher block waited behind all of them (4 s in the lab).
+        """Queue the next repair of ``queue``; return the object bytes it carries.
+        Fragments only one receiver asked for go to it alone (unicast), the rest to the
+        group (§4.3).
+
+        Manifest chunks first (nothing can be handed on without the manifest), then
+        objects in the order first asked for: a receiver behind a slow port NAKs a stream
+        of low block numbers, and by lowest first another one's repair of a higher block
+        waited behind all of them (4 s in the lab).
+        """
         obj = max(queue)
         if obj < MANIFEST_BASE:
             obj = next(iter(queue))
@@ -166,10 +184,26 @@ class Scheduler:
         if obj in other:
             mask |= other.pop(obj)
         self.last_sent[obj] = now
-        self.recent_repairs[obj] = (now, mask, None)
-        frags = mask_to_list(mask)
-        self._queue_object(obj, frags, wire.FLAG_REPAIR)
-        return len(frags) * self._fp
+        askers = self.askers.pop(obj, None)
+        nbytes = 0
+        if askers and self.solo_repairs:
+            once = twice = 0
+            for _, asked in askers.values():
+                twice |= once & asked
+                once |= asked
+            for who, asked in askers.values():
+                solo = asked & ~twice & mask
+                if solo and who.active:
+                    frags = mask_to_list(solo)
+                    self._queue_object(obj, frags, wire.FLAG_REPAIR, who)
+                    nbytes += len(frags) * self._fp
+                    mask &= ~solo
+        if mask:
+            self.recent_repairs[obj] = (now, mask, None)
+            frags = mask_to_list(mask)
+            self._queue_object(obj, frags, wire.FLAG_REPAIR)
+            nbytes += len(frags) * self._fp
+        return nbytes
 
     def _next_manifest_chunk(self, now: float, needs: list[Need]) -> int | None:
         first = MANIFEST_BASE
@@ -248,25 +282,35 @@ class Scheduler:
             self._cache.popitem(last=False)
         return payload
 
-    def _queue_object(self, obj: int, frags: range | list[int], flags: int) -> None:
+    def _queue_object(
+        self, obj: int, frags: range | list[int], flags: int, to: Member | None = None
+    ) -> None:
         """Queue ``frags`` of ``obj`` as bursts of at most segments_per_transmit datagrams."""
         per = self._config.segments_per_transmit
         n = len(frags)
         for i in range(0, n, per):
-            self.pending.append((obj, frags[i : i + per], flags, i + per >= n))
+            self.pending.append((obj, frags[i : i + per], flags, i + per >= n, to))
 
     def pop_transmit(self) -> Transmit:
         """Pack the next queued burst: header, seq, payload slice and tag per datagram."""
-        obj, chunk, flags, last = self.pending.popleft()
+        obj, chunk, flags, last, to = self.pending.popleft()
         payload = self._payload(obj)
-        seq = self._next_seq(len(chunk))
+        if to is None:
+            seq = self._next_seq(len(chunk))
+        else:  # its own seq space: the others see no gap (§4.3)
+            seq = (to.useq + 1) & SEQ_MASK
+            to.useq = (to.useq + len(chunk)) & SEQ_MASK
+            flags |= wire.FLAG_UNICAST
+            self._counts["unicast_repair_datagrams"] += len(chunk)
+        if self._config.tag_data or obj >= MANIFEST_BASE or obj in self.tagged:
+            flags |= wire.FLAG_TAGGED
         data = wire.pack_fragments(
             self._key, self._header, seq, obj, payload, chunk, self._fp, flags
         )
         end = (seq + len(chunk) - 1) & SEQ_MASK
-        if flags:
+        if flags & wire.FLAG_REPAIR:
             key = "repair_datagrams"
-            if last and obj in self.recent_repairs:
+            if last and to is None and obj in self.recent_repairs:
                 at, mask, _ = self.recent_repairs[obj]
                 self.recent_repairs[obj] = (at, mask, end)
         else:
@@ -277,5 +321,6 @@ class Scheduler:
                 if self._sweeping == obj:
                     self._sweeping = None
         self._counts[key] += len(chunk)
-        seg = self._config.payload_size
-        return Transmit(data, seg if len(chunk) > 1 else len(data), None)
+        seg = wire.data_segment(self._fp, flags)
+        addr = None if to is None else to.addr
+        return Transmit(data, seg if len(chunk) > 1 else len(data), addr)

@@ -38,8 +38,13 @@ from protocol.wire import MANIFEST_BASE, MANIFEST_CHUNK, PacketType, Transmit, W
 
 logger = logging.getLogger(__name__)
 
-#: When the send queue runs dry, the next ANNOUNCE goes this soon (§3.1).
-IDLE_ANNOUNCE = 0.01
+#: Unicast repairs while a fragment one receiver lacks is at least this likely to be lacked
+#: by no other (median loss p, N receivers: (1-p)**(N-1)); else one multicast copy is
+#: cheaper than the copies the other receivers' NAKs would ask for (§4.3).
+SOLO_REPAIR_ALONE = 0.75
+
+#: When the send queue runs dry, the next ANNOUNCE goes this soon, flagged IDLE (§3.1).
+IDLE_ANNOUNCE = 0.002
 
 
 class SenderState(Enum):
@@ -351,6 +356,16 @@ class SenderSession:
                     f"straggler: still {len(m.missing)} objects short {grace:.0f} s after "
                     "the others completed",
                 )
+        self._sched.solo_repairs = self._solo_repairs_pay()
+
+    def _solo_repairs_pay(self) -> bool:
+        """Repair a fragment only one receiver asked for to it alone (§4.3) while the
+        group's loss makes it unlikely that another one lacks it too."""
+        losses = sorted(max(m.loss, m.nak_loss) for m in self._members.values() if m.active)
+        if len(losses) < 2:
+            return False
+        p = losses[len(losses) // 2]
+        return (1.0 - p) ** (len(losses) - 1) >= SOLO_REPAIR_ALONE
 
     def _update_rate(self, now: float) -> None:
         cfg = self._config
@@ -484,9 +499,15 @@ class SenderSession:
             raise WireError("inactive_receiver")
         for obj, run, mask in msg.entries:
             self._check_nak_entry(obj, run, mask)
+        for start, end in msg.auth:
+            self._check_nak_entry(start, end - start, 0)
         m.naks += 1
         self._counts["naks_received"] += 1
+        self._note_seen(m, msg.seen)
         self._note_nak_loss(m, msg.entries)
+        self._sched.solo_repairs = self._solo_repairs_pay()
+        for start, end in msg.auth:
+            self._on_auth_request(m, start, end)
         for obj, run, mask in msg.entries:
             if run:
                 wanted = RangeSet([(obj, obj + run)]).intersection(self._objects)
@@ -499,7 +520,7 @@ class SenderSession:
             m.object_naks[obj] = (count, now)
             # The manifest is small and nothing can be handed on without it: never later.
             low = m.outlier and obj < MANIFEST_BASE
-            self._sched.add_repair(obj, mask, now, low=low, seen=msg.seen)
+            self._sched.add_repair(obj, mask, now, low=low, seen=msg.seen, who=m)
             if count > self._config.max_object_naks:
                 self._evict(
                     m,
@@ -507,6 +528,16 @@ class SenderSession:
                     f"cannot keep up: object {obj} still incomplete after {count} repairs",
                 )
                 return
+
+    def _on_auth_request(self, m: Member, start: int, end: int) -> None:
+        """Its untagged copy of these objects failed verification (maybe forged): from now
+        on they go tagged, to everyone, and it gets them again (§6.1)."""
+        for s, e in RangeSet([(start, end)]).intersection(self._objects):
+            m.missing.add(s, e)
+            for obj in range(s, e):
+                if obj not in self._sched.tagged:
+                    self._sched.tagged.add(obj)
+                    self._counts["objects_tagged"] += 1
 
     def _note_nak_loss(self, m: Member, entries: list[tuple[int, int, int]]) -> None:
         """A NAK tells how much of what it covers was lost: a loss figure before any STATUS."""
@@ -518,6 +549,12 @@ class SenderSession:
         if total >= 16:
             m.nak_loss = 0.5 * m.nak_loss + 0.5 * lacked / total if m.naks > 1 else lacked / total
             self._judge(m)
+
+    def _note_seen(self, m: Member, seen: int) -> None:
+        """How far into our stream it has read (§4.2): forward only, never past our last."""
+        last_sent = (self._seq - 1) & 0xFFFFFFFF
+        if unseen(seen, m.seen) and not unseen(seen, last_sent):
+            m.seen = seen
 
     def _check_nak_entry(self, obj: int, run: int, mask: int) -> None:
         if run:
@@ -540,9 +577,7 @@ class SenderSession:
         reported = RangeSet(msg.missing).intersection(self._objects)
         m.missing.replace_span(msg.span_start, end, reported)
         m.last_status_time = now
-        last_sent = (self._seq - 1) & 0xFFFFFFFF
-        if unseen(msg.seen, m.seen) and not unseen(msg.seen, last_sent):
-            m.seen = msg.seen  # how far into our stream it has read (§4.2)
+        self._note_seen(m, msg.seen)
         m.lag = self._send_log.lag(m.seen, self._seq, now)
         m.loss = msg.loss
         m.blocks_done = min(msg.blocks_done, m.blocks_total)
@@ -625,7 +660,9 @@ class SenderSession:
                 block_size=m.block_size,
                 payload_size=self._config.payload_size,
                 state=_ANNOUNCE_STATE[self._state],
-                flags=wire.ANNOUNCE_ABORTED if self._outcome == "aborted" else 0,
+                flags=(wire.ANNOUNCE_ABORTED if self._outcome == "aborted" else 0)
+                | (wire.ANNOUNCE_TAGGED_DATA if self._config.tag_data else 0)
+                | (wire.ANNOUNCE_IDLE if self._idle and not self._sched.pending else 0),
                 rate_bps=rate,
                 data_bytes=m.stored_bytes,
             )

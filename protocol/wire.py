@@ -31,7 +31,7 @@ Status = messages.Status
 Targeted = messages.Targeted
 
 MAGIC = b"FC"
-VERSION = 1
+VERSION = 2
 TAG_SIZE = 16
 MAX_TEXT = 200
 #: Object ids at or above this are manifest chunks (§1.2).
@@ -59,14 +59,27 @@ LEAVE = struct.Struct("!B")
 COUNT = struct.Struct("!H")
 RANGE = struct.Struct("!II")
 # §2.5 NAK entry head: object 4, form 1; then RUN length 4 / LIST n 2 / BITMAP first 2, nbytes 2
+# / AUTH length 4
 NAK_ENTRY = struct.Struct("!IB")
 U32 = struct.Struct("!I")
 U16 = struct.Struct("!H")
 BITMAP_HEAD = struct.Struct("!HH")
 
+#: The most a DATA datagram adds to its fragment: header, data header and tag (§1.2).
 DATA_OVERHEAD = DATA_HEADER.size + TAG_SIZE
 FLAG_REPAIR = 0x01
+#: DATA flags: the datagram ends with a tag. Without it, the block hash in the manifest is
+#: what authenticates the content (§6.1).
+FLAG_TAGGED = 0x02
+#: DATA flags: sent to one receiver's unicast address, numbered in that receiver's own seq
+#: space (a repair only it asked for, §4.3): others never see it, so it is no gap of theirs.
+FLAG_UNICAST = 0x04
 ANNOUNCE_ABORTED = 0x01  #: ANNOUNCE flags: the session was aborted (state ENDING)
+#: ANNOUNCE flags: every DATA datagram is tagged; a receiver drops untagged ones (§6.1).
+ANNOUNCE_TAGGED_DATA = 0x02
+#: ANNOUNCE flags: the sender's queue ran dry: every burst sent before this one is complete,
+#: so whatever a receiver still lacks of them is lost, not on its way (§4.3).
+ANNOUNCE_IDLE = 0x04
 JOIN_NEED_MANIFEST = 0x01
 
 
@@ -404,7 +417,7 @@ def decode_ranges(body: memoryview, offset: int) -> tuple[list[tuple[int, int]],
 
 # -- NAK entries (§2.5) ---------------------------------------------------------------------
 
-NAK_RUN, NAK_LIST, NAK_BITMAP = 0, 1, 2
+NAK_RUN, NAK_LIST, NAK_BITMAP, NAK_AUTH = 0, 1, 2, 3
 
 
 def _frag_entry(obj: int, frags: Sequence[int], space: int) -> tuple[bytes, int]:
@@ -440,11 +453,13 @@ def encode_nak_bodies(
     runs: Sequence[tuple[int, int]],
     partial: Sequence[tuple[int, Sequence[int]]],
     capacity: int,
+    auth: Sequence[tuple[int, int]] = (),
 ) -> list[bytes]:
     """NAK bodies of at most ``capacity`` bytes for whole-object runs and missing fragments.
 
     ``seen`` is the highest sender seq the receiver has processed; ``runs`` holds (start,
-    end) object ranges; ``partial`` holds (object, sorted missing fragments). Entries are
+    end) object ranges; ``partial`` holds (object, sorted missing fragments); ``auth`` holds
+    (start, end) object ranges to send again with tagged datagrams only (§6.1). Entries are
     split across bodies when they do not fit one.
     """
     bodies: list[bytes] = []
@@ -458,11 +473,12 @@ def encode_nak_bodies(
             bodies.append(U32.pack(seen) + COUNT.pack(len(parts)) + b"".join(parts))
         parts, used = [], head
 
-    for start, end in runs:
-        if used + NAK_ENTRY.size + U32.size > capacity or len(parts) == 0xFFFF:
-            flush()
-        parts.append(NAK_ENTRY.pack(start, NAK_RUN) + U32.pack(end - start))
-        used += NAK_ENTRY.size + U32.size
+    for form, ranges in ((NAK_RUN, runs), (NAK_AUTH, auth)):
+        for start, end in ranges:
+            if used + NAK_ENTRY.size + U32.size > capacity or len(parts) == 0xFFFF:
+                flush()
+            parts.append(NAK_ENTRY.pack(start, form) + U32.pack(end - start))
+            used += NAK_ENTRY.size + U32.size
     for obj, frags in partial:
         rest = list(frags)
         while rest:
@@ -480,24 +496,30 @@ def encode_nak_bodies(
 
 
 def decode_nak(body: memoryview) -> Nak:
-    """Decode NAK entries into (object, run_length, fragment mask) triples."""
+    """Decode NAK entries into (object, run_length, fragment mask) triples, and AUTH entries
+    into (start, end) object ranges."""
     if len(body) < U32.size + COUNT.size:
         raise WireError("malformed", "nak count missing")
     (seen,) = U32.unpack_from(body)
     (n,) = COUNT.unpack_from(body, U32.size)
     off = U32.size + COUNT.size
     entries: list[tuple[int, int, int]] = []
+    auth: list[tuple[int, int]] = []
     size = len(body)
     for _ in range(n):
         if off + NAK_ENTRY.size > size:
             raise WireError("malformed", "nak entry truncated")
         obj, form = NAK_ENTRY.unpack_from(body, off)
         off += NAK_ENTRY.size
+        if form == NAK_AUTH:
+            (obj, run, _), off = _nak_run(obj, body, off)
+            auth.append((obj, obj + run))
+            continue
         entry, off = _NAK_FORMS.get(form, _bad_form)(obj, body, off)
         entries.append(entry)
     if off != size:
         raise WireError("malformed", "nak trailing bytes")
-    return Nak(seen, entries)
+    return Nak(seen, entries, auth)
 
 
 def _nak_run(obj: int, body: memoryview, off: int) -> tuple[tuple[int, int, int], int]:
@@ -574,14 +596,17 @@ def pack_fragments(
     fragment_payload: int,
     flags: int,
 ) -> bytes:
-    """Tagged DATA datagrams for ``frags`` of ``obj``, concatenated for GSO.
+    """DATA datagrams for ``frags`` of ``obj``, concatenated for GSO.
 
     ``header`` is (session, source, instance, unused); datagram ``i`` gets ``seq + i``.
-    Every datagram but the one of the object's last fragment is full size, so the
-    concatenation is valid for UDP GSO with segment size ``fragment_payload + 48``.
+    With FLAG_TAGGED in ``flags`` each datagram ends with its tag; without, it ends with the
+    fragment (§6.1). Every datagram but the one of the object's last fragment is full size,
+    so the concatenation is valid for UDP GSO with segment size ``data_segment(...)``.
     """
     session, source, instance, _ = header
-    seg = fragment_payload + DATA_OVERHEAD
+    tagged = flags & FLAG_TAGGED
+    tag_size = TAG_SIZE if tagged else 0
+    seg = fragment_payload + DATA_HEADER.size + tag_size
     size = len(payload)
     last = (size - 1) // fragment_payload
     total = seg * len(frags)
@@ -603,8 +628,14 @@ def pack_fragments(
         )  # fmt: skip
         end = pos + hsize + n
         buf[pos + hsize : end] = chunk
-        mac = proto.copy()
-        mac.update(view[pos:end])
-        buf[end : end + TAG_SIZE] = mac.digest()[:TAG_SIZE]
-        pos = end + TAG_SIZE
+        if tagged:
+            mac = proto.copy()
+            mac.update(view[pos:end])
+            buf[end : end + TAG_SIZE] = mac.digest()[:TAG_SIZE]
+        pos = end + tag_size
     return bytes(buf)
+
+
+def data_segment(fragment_payload: int, flags: int) -> int:
+    """The size of a full DATA datagram with these ``flags`` (the GSO segment size)."""
+    return fragment_payload + DATA_HEADER.size + (TAG_SIZE if flags & FLAG_TAGGED else 0)

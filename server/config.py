@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     #: The sender evicts a machine still incomplete this long (seconds) after every other
     #: one completed (the engine's straggler_grace); with catch-up it finishes over HTTP.
     straggler_grace: float = Field(default=30.0, ge=0.0, le=86_400.0)
+    #: Tag every multicast DATA datagram (docs/PROTOCOL.md §6.1). Off: blocks are
+    #: authenticated by the manifest's hashes and only blocks a receiver reports spoiled are
+    #: sent tagged (cheaper per datagram at both ends); on: a forger on the lab's LAN cannot
+    #: even make a machine fetch a block twice.
+    tag_data: bool = False
     #: Queue length of each live event stream subscriber (slow ones lose the oldest).
     event_queue_size: int = Field(default=256, ge=8, le=100_000)
     #: Apply pending schema migrations when the server starts.

@@ -96,6 +96,12 @@ def send_parser() -> argparse.ArgumentParser:
         "frames of 9000; receivers follow the sender",
     )
     p.add_argument("--no-gso", action="store_true", help="one send per datagram (no UDP GSO)")
+    p.add_argument(
+        "--tag-data",
+        action="store_true",
+        help="tag every DATA datagram, not only blocks a receiver reports spoiled (costs CPU "
+        "at both ends; a forger on the LAN then cannot make receivers fetch blocks twice)",
+    )
     p.add_argument("--data-dir", default=None, help="override $FLEETCAST_DATA")
     p.add_argument(
         "--stats-json",
@@ -192,6 +198,7 @@ def _prepare(args: argparse.Namespace) -> SessionRunner:
         ttl=args.ttl,
         gso=not args.no_gso,
         payload_size=args.payload_size,
+        tag_data=args.tag_data,
     )
     return SessionRunner(args.image, manifest_bytes, manifest, store.read_block, options)
 

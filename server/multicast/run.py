@@ -49,6 +49,7 @@ class SendOptions:
     session_id: int = field(default_factory=lambda: secrets.randbelow(0xFFFFFFFF) + 1)
     gso: bool = True
     payload_size: int = 1472  #: UDP payload per datagram: 1472 for MTU 1500, 8972 for 9000
+    tag_data: bool = False  #: tag every DATA datagram (docs/PROTOCOL.md §6.1)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class SessionRunner:
             payload_size=options.payload_size,
             rate_bps=options.rate_bps,
             auto_rate=options.auto_rate,
+            tag_data=options.tag_data,
         )
         self.report = SendReport(image=name, manifest=manifest)
         self._manifest_bytes = manifest_bytes

@@ -231,6 +231,7 @@ class SessionManager:
             rate_bps=s.rate_bps,
             auto_rate=s.rate_bps is None,
             straggler_grace=self.settings.straggler_grace,
+            tag_data=self.settings.tag_data,
         )
         runner = SessionRunner(
             s.image_name, manifest_bytes, manifest, self.store.read_block, options, config=config

@@ -116,6 +116,9 @@ def test_forged_datagrams_are_dropped_and_never_written(
         assert fleet.wait(proc, node.name, 60) == RECEIVE_OK, fleet.log(node.name)
         assert file_sha256(target) == small_image.sha256
         assert fleet.stats(node)["session"]["dropped"].get("bad_tag", 0) > 100
+    # untagged garbage spoiled some blocks' copies: caught by the hash, sent again tagged
+    spoiled = [fleet.stats(node)["session"].get("untagged_blocks_failed", 0) for node in (r0, r1)]
+    assert sum(spoiled) > 0, spoiled
     assert fleet.wait(sender, "sender", 30) == SEND_OK, fleet.log("sender")
 
 

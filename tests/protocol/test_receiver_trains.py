@@ -7,6 +7,7 @@ import random
 from simnet import KEY, make_image, make_sender
 
 from protocol import events as ev
+from protocol import wire
 from protocol.config import EngineConfig
 from protocol.receiver import ReceiverSession
 
@@ -30,7 +31,8 @@ def test_a_train_and_its_datagrams_one_by_one_end_alike_forged_ones_included() -
         for t in sender.datagrams_to_send(now):
             data = bytearray(t.data)
             if t.count > 2:
-                data[t.segment_size + 30] ^= 1  # a damaged datagram inside the train
+                # a damaged datagram inside the train: it claims a tag it does not have
+                data[t.segment_size + 30] ^= wire.FLAG_TAGGED
             by_train.receive_datagrams(memoryview(bytes(data)), t.segment_size, SENDER, now)
             for d in _split(bytes(data), t.segment_size):
                 one_by_one.receive_datagram(d, SENDER, now)

@@ -78,7 +78,7 @@ def test_the_slow_one_gets_every_fragment_once_and_finishes_near_its_port_time(s
     assert stats["partials_dropped"] == 0
     assert stats.get("backlog_drops", 0) == 0
     assert stats["fragments"] == net.sender.stats["data_datagrams"]
-    assert stats["duplicates"] <= 0.01 * stats["fragments"]
+    assert stats["duplicates"] <= 0.02 * stats["fragments"]
     assert slow.finished_at is not None
     assert slow.finished_at <= 1.1 * _port_time(net)
 

@@ -25,7 +25,7 @@ def _roundtrip(ptype: PacketType, body: bytes) -> wire.Message:
 
 def test_header_is_magic_version_then_fields_and_a_16_byte_tag() -> None:
     data = wire.seal(KEY, Header(PacketType.ABORT, 0xDEADBEEF, 0, 5, 6), b"bye")
-    assert data[:3] == b"FC\x01" and data[3] == PacketType.ABORT
+    assert data[:3] == b"FC\x02" and data[3] == PacketType.ABORT
     assert len(data) == wire.HEADER.size + 3 + wire.TAG_SIZE
     assert data[-16:] == wire.tag(KEY, data[:-16])
 
@@ -35,7 +35,7 @@ def test_header_is_magic_version_then_fields_and_a_16_byte_tag() -> None:
     [
         (lambda d: d[:30], "short"),
         (lambda d: b"XX" + d[2:], "bad_magic"),
-        (lambda d: d[:2] + b"\x02" + d[3:], "bad_version"),
+        (lambda d: d[:2] + b"\x01" + d[3:], "bad_version"),
         (lambda d: d[:-1] + bytes([d[-1] ^ 1]), "bad_tag"),
         (lambda d: d[:25] + bytes([d[25] ^ 1]) + d[26:], "bad_tag"),
     ],
@@ -155,20 +155,50 @@ def test_nak_decoder_refuses_bad_entries() -> None:
 
 
 @pytest.mark.parametrize("payload_size", [512, 1472, 9000])
-def test_pack_fragments_makes_gso_segments_that_each_open(payload_size: int) -> None:
+def test_pack_fragments_makes_tagged_gso_segments_that_each_open(payload_size: int) -> None:
     fp = payload_size - 48
     payload = random.Random(1).randbytes(fp * 5 + 17)
     frags = [0, 2, 5]
-    data = wire.pack_fragments(KEY, (7, 0, 9, 0), 100, 42, payload, frags, fp, wire.FLAG_REPAIR)
-    seg = payload_size
+    flags = wire.FLAG_REPAIR | wire.FLAG_TAGGED
+    data = wire.pack_fragments(KEY, (7, 0, 9, 0), 100, 42, payload, frags, fp, flags)
+    seg = wire.data_segment(fp, flags)
+    assert seg == payload_size
     assert len(data) == 2 * seg + (17 + 48)
     for i, f in enumerate(frags):
         d = data[i * seg : (i + 1) * seg]
         hdr, body = _open(d)
         assert hdr == Header(PacketType.DATA, 7, 0, 9, 100 + i)
-        obj, size, frag, flags = wire.DATA_BODY.unpack_from(body)
-        assert (obj, size, frag, flags) == (42, len(payload), f, wire.FLAG_REPAIR)
+        obj, size, frag, got_flags = wire.DATA_BODY.unpack_from(body)
+        assert (obj, size, frag, got_flags) == (42, len(payload), f, flags)
         assert bytes(body[wire.DATA_BODY.size :]) == payload[f * fp : (f + 1) * fp]
+
+
+@pytest.mark.parametrize("payload_size", [512, 1472, 9000])
+def test_untagged_data_is_16_bytes_shorter_and_ends_with_the_fragment(payload_size: int) -> None:
+    fp = payload_size - 48
+    payload = random.Random(2).randbytes(fp * 3 + 5)
+    frags = [1, 3]
+    data = wire.pack_fragments(KEY, (7, 0, 9, 0), 100, 42, payload, frags, fp, 0)
+    seg = wire.data_segment(fp, 0)
+    assert seg == payload_size - wire.TAG_SIZE
+    assert len(data) == seg + 5 + wire.DATA_HEADER.size
+    for i, f in enumerate(frags):
+        d = data[i * seg : (i + 1) * seg]
+        fields = wire.DATA_HEADER.unpack_from(d)
+        assert fields[:3] == (wire.MAGIC, wire.VERSION, PacketType.DATA)
+        assert fields[6:] == (100 + i, 42, len(payload), f, 0)
+        assert d[wire.DATA_HEADER.size :] == payload[f * fp : (f + 1) * fp]
+
+
+def test_nak_auth_entries_roundtrip_next_to_runs_and_fragments() -> None:
+    (body,) = wire.encode_nak_bodies(77, [(3, 5)], [(9, [0, 4])], 1400, auth=[(10, 12), (20, 21)])
+    nak = wire.decode_nak(memoryview(body))
+    assert nak.seen == 77
+    assert nak.entries == [(3, 2, 0), (9, 0, 0b10001)]
+    assert nak.auth == [(10, 12), (20, 21)]
+    with pytest.raises(WireError, match="invalid"):
+        bad = wire.U32.pack(0) + wire.COUNT.pack(1) + wire.NAK_ENTRY.pack(1, wire.NAK_AUTH)
+        wire.decode_nak(memoryview(bad + wire.U32.pack(0)))
 
 
 def test_transmit_counts_its_datagrams() -> None:
