@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from protocol.config import FRAGMENT_OVERHEAD
+from protocol.config import EngineConfig
+from protocol.wire import DATA_HEADER, TAG_SIZE
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -16,9 +17,10 @@ Run = dict[str, Any]
 
 #: the slow-port scenario's shaping toward r0 (bench/compare.py: ``tbf rate 100mbit``)
 SLOW_PORT_BPS = 100_000_000
-#: what a port carries per datagram besides the object bytes: Ethernet 14 + IPv4 20 + UDP 8
-#: + fleetcast's fragment header and tag (tbf counts frames without preamble and FCS)
-PORT_OVERHEAD = 42 + FRAGMENT_OVERHEAD
+#: what a port carries per DATA datagram besides the object bytes: Ethernet 14 + IPv4 20 +
+#: UDP 8 + fleetcast's DATA header, and its tag when the default sender tags data (tbf counts
+#: frames without preamble and FCS)
+PORT_OVERHEAD = 42 + DATA_HEADER.size + (TAG_SIZE if EngineConfig().tag_data else 0)
 
 #: issue 8's targets: (scenario, peer, bound on fleetcast's wall / peer's wall)
 TIME_TARGETS = [
@@ -48,7 +50,8 @@ def port_time(r: Run) -> float:
     the wire: every stored byte of every data block (r0 starts with none) plus the headers
     of the datagrams one pass takes (the sender's count; else estimated from full ones)."""
     once = r["payload_once"]
-    datagrams = r["tool_reports"].get("data_datagrams") or -(-once // (1472 - FRAGMENT_OVERHEAD))
+    fragment = EngineConfig().fragment_payload
+    datagrams = r["tool_reports"].get("data_datagrams") or -(-once // fragment)
     return (once + datagrams * PORT_OVERHEAD) * 8 / SLOW_PORT_BPS
 
 
