@@ -304,6 +304,7 @@ class SenderSession:
         if self._state in (SenderState.WAITING, SenderState.TRANSFERRING):
             self._check_members(now)
             self._check_end(now)
+            self._pace_outliers(now)
         if now >= self._next_rate:
             self._next_rate = now + self._config.rate_interval
             self._update_rate(now)
@@ -689,9 +690,11 @@ class SenderSession:
         # A receiver silent for a while (dead, or starved) is not served until it speaks
         # again; it is evicted at receiver_timeout (§7).
         quiet = now - self._config.suspect_after
-        heard = [m for m in self._members.values() if m.active and m.last_heard >= quiet]
-        needs = [Need(m.missing, m.seen, m.outlier) for m in heard]
-        self._pace_outliers(now, heard)
+        needs = [
+            Need(m.missing, m.seen, m.outlier)
+            for m in self._members.values()
+            if m.active and m.last_heard >= quiet
+        ]
         limit = None if self._pacer.paced else self._config.max_transmits_per_call
         while True:
             low_ok = self._low_pacer.ready(now)
@@ -722,11 +725,14 @@ class SenderSession:
             out.append(t)
             self._send_log.sent(now)
 
-    def _pace_outliers(self, now: float, heard: list[Member]) -> None:
+    def _pace_outliers(self, now: float) -> None:
         """What only outliers need goes at a little above the rate they receive at, not
         the group's: past their port it is dropped anyway, and the others would only read
         it as duplicates (§4.3). Unlimited when there is no outlier."""
-        outliers = [m for m in heard if m.outlier]
+        quiet = now - self._config.suspect_after
+        outliers = [
+            m for m in self._members.values() if m.active and m.outlier and m.last_heard >= quiet
+        ]
         if not outliers:
             self._low_pacer.rate_bps = None
             return
