@@ -153,7 +153,7 @@ class ReceiverSession:
         self._auth_pending: set[int] = set()
         #: smoothed wait from a NAK to the first repair of its object (§4.3)
         self._repair_wait = config.nak_repeat / 3
-        self._last_idle_status = -1e9
+        self._last_status_at = now
         self._join_sent_at = -1e9
         # timers; None = not armed
         self._join: Retry | None = None
@@ -591,8 +591,8 @@ class ReceiverSession:
         Objects we lack entirely it learns from STATUS: one goes now, not at its period."""
         partials = self._objs.partials
         if not partials:
-            if self._objs.needed and now - self._last_idle_status >= self._nak_gap():
-                self._last_idle_status = now
+            # not sooner than half its period: its rates are measured over that window
+            if self._objs.needed and now - self._last_status_at >= self._config.status_interval / 2:
                 self._send_status(now)
             return
         for p in partials.values():
@@ -859,6 +859,7 @@ class ReceiverSession:
         )
         self._send(PacketType.STATUS, wire.encode_status(status, encoded))
         self._counts["status_sent"] += 1
+        self._last_status_at = now
         if self._auth_pending:
             self._send_auth()
         self._next_status = now + self._jitter(self._config.status_interval)

@@ -504,7 +504,6 @@ class SenderSession:
             self._check_nak_entry(start, end - start, 0)
         m.naks += 1
         self._counts["naks_received"] += 1
-        self._note_seen(m, msg.seen)
         self._note_nak_loss(m, msg.entries)
         self._sched.solo_repairs = self._solo_repairs_pay()
         for start, end in msg.auth:
