@@ -362,7 +362,13 @@ class SenderSession:
     def _solo_repairs_pay(self) -> bool:
         """Repair a fragment only one receiver asked for to it alone (§4.3) while the
         group's loss makes it unlikely that another one lacks it too."""
-        losses = sorted(max(m.loss, m.nak_loss) for m in self._members.values() if m.active)
+        # STATUS says the loss of datagrams; before one, the NAKs' share of what they cover
+        # (too high where losses come in bursts: a lost GSO train is 44 of an object's ~250)
+        losses = sorted(
+            m.loss if m.last_status_time >= 0 else m.nak_loss
+            for m in self._members.values()
+            if m.active
+        )
         if len(losses) < 2:
             return False
         p = losses[len(losses) // 2]
