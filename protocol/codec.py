@@ -133,14 +133,19 @@ def decode_block_into(
     return view
 
 
-def _decompress_into(payload: bytes | bytearray | memoryview, view: memoryview) -> None:
-    raw_length = len(view)
+def _check_frame(payload: bytes | bytearray | memoryview, raw_length: int) -> None:
+    """The payload is one zstd frame that declares exactly ``raw_length`` bytes."""
     try:
         declared = zstandard.frame_content_size(payload)
     except zstandard.ZstdError as exc:
         raise BlockError(f"payload is not a zstd frame: {exc}") from exc
     if declared != raw_length:
         raise BlockError(f"zstd frame declares {declared} bytes, block has {raw_length}")
+
+
+def _decompress_into(payload: bytes | bytearray | memoryview, view: memoryview) -> None:
+    raw_length = len(view)
+    _check_frame(payload, raw_length)
     got = 0
     try:
         reader = _decompressor().stream_reader(payload)
@@ -157,12 +162,7 @@ def _decompress_into(payload: bytes | bytearray | memoryview, view: memoryview) 
 
 
 def _decompress(payload: bytes | bytearray | memoryview, raw_length: int) -> bytes:
-    try:
-        declared = zstandard.frame_content_size(payload)
-    except zstandard.ZstdError as exc:
-        raise BlockError(f"payload is not a zstd frame: {exc}") from exc
-    if declared != raw_length:
-        raise BlockError(f"zstd frame declares {declared} bytes, block has {raw_length}")
+    _check_frame(payload, raw_length)
     try:
         raw = _decompressor().decompress(payload, max_output_size=raw_length)
     except zstandard.ZstdError as exc:
