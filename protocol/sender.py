@@ -485,6 +485,7 @@ class SenderSession:
         )
         m.blocks_done = m.blocks_total - len(missing.intersection(self._data))
         self._members[hdr.source] = m
+        self._sched.solo_repairs = self._solo_repairs_pay()  # then every poll
         self._counts["joins"] += 1
         self._events.append(ReceiverJoined(hdr.source, addr))
         self._reply_join(m)
@@ -511,7 +512,6 @@ class SenderSession:
         m.naks += 1
         self._counts["naks_received"] += 1
         self._note_nak_loss(m, msg.entries)
-        self._sched.solo_repairs = self._solo_repairs_pay()
         for start, end in msg.auth:
             self._on_auth_request(m, start, end)
         for obj, run, mask in msg.entries:
@@ -556,12 +556,6 @@ class SenderSession:
             m.nak_loss = 0.5 * m.nak_loss + 0.5 * lacked / total if m.naks > 1 else lacked / total
             self._judge(m)
 
-    def _note_seen(self, m: Member, seen: int) -> None:
-        """How far into our stream it has read (§4.2): forward only, never past our last."""
-        last_sent = (self._seq - 1) & 0xFFFFFFFF
-        if unseen(seen, m.seen) and not unseen(seen, last_sent):
-            m.seen = seen
-
     def _check_nak_entry(self, obj: int, run: int, mask: int) -> None:
         if run:
             if obj + run > 1 << 32:
@@ -583,7 +577,9 @@ class SenderSession:
         reported = RangeSet(msg.missing).intersection(self._objects)
         m.missing.replace_span(msg.span_start, end, reported)
         m.last_status_time = now
-        self._note_seen(m, msg.seen)
+        last_sent = (self._seq - 1) & 0xFFFFFFFF
+        if unseen(msg.seen, m.seen) and not unseen(msg.seen, last_sent):
+            m.seen = msg.seen  # how far into our stream it has read (§4.2)
         m.lag = self._send_log.lag(m.seen, self._seq, now)
         m.loss = msg.loss
         m.blocks_done = min(msg.blocks_done, m.blocks_total)
