@@ -67,6 +67,8 @@ class Member:
     outlier: bool = False
     #: share of the fragments of the objects in its NAKs that it lacked (smoothed)
     nak_loss: float = 0.0
+    #: share of the objects it read past that its NAKs named (before its first STATUS)
+    nak_share: float = 0.0
     last_status_seq: int = -1
     last_status_time: float = -1.0
     loss: float = 0.0

@@ -344,9 +344,15 @@ class Reassembly:
         self.chunk_data.clear()
 
 
-def nak_bodies(seen: int, due: Sequence[tuple[int, Partial]], capacity: int) -> list[bytes]:
-    """NAK bodies for the missing fragments of ``due`` (object, Partial) pairs, by object."""
-    return wire.encode_nak_bodies(seen, [], [(obj, p.missing()) for obj, p in due], capacity)
+def nak_bodies(
+    seen: int,
+    due: Sequence[tuple[int, Partial]],
+    capacity: int,
+    runs: Sequence[tuple[int, int]] = (),
+) -> list[bytes]:
+    """NAK bodies for the missing fragments of ``due`` (object, Partial) pairs, by object,
+    and for ``runs`` of objects lacked entirely."""
+    return wire.encode_nak_bodies(seen, runs, [(obj, p.missing()) for obj, p in due], capacity)
 
 
 #: Most an untagged datagram may move a receiver's highest seen seq (~0.8 s at 1 Gbit/s).

@@ -62,6 +62,8 @@ _compare = hmac.compare_digest
 ABORT_GRACE = 0.5
 #: Least time between JOINs sent because data flows while we wait for a JOIN_ACK.
 JOIN_HURRY = 0.01
+#: Most objects lacked entirely that one NAK names (§4.3); the sweep brings the rest.
+WHOLE_NAK_MAX = 32
 _mac = wire._mac
 
 
@@ -153,13 +155,16 @@ class ReceiverSession:
         self._auth_pending: set[int] = set()
         #: smoothed wait from a NAK to the first repair of its object (§4.3)
         self._repair_wait = config.nak_repeat / 3
-        self._last_status_at = now
         self._join_sent_at = -1e9
         # timers; None = not armed
         self._join: Retry | None = None
         self._next_status: float | None = None
         self._nak_at: float | None = None
         self._last_nak = -1e9
+        #: an IDLE ANNOUNCE came: the next NAK names the objects we lack entirely, too
+        self._whole_due = False
+        #: object -> when a NAK last named it as lacked entirely
+        self._whole_naked: dict[int, float] = {}
         self._control: Retry | None = None  # DONE or LEAVE
         self._abort_deadline: float | None = None  # an ABORT's reason is on its way
         self._leave: tuple[wire.LeaveCode, str, bool] | None = None
@@ -573,7 +578,7 @@ class ReceiverSession:
             raise WireError("invalid", "announce changed within the session")
         self._announce = msg
         if msg.flags & wire.ANNOUNCE_IDLE and self._state is ReceiverState.RECEIVING:
-            self._sender_idle(now)
+            self._sender_idle(now, msg.state == wire.AnnounceState.TRANSFERRING)
         if msg.state == wire.AnnounceState.ENDING and self._state in (
             ReceiverState.JOINING,
             ReceiverState.RECEIVING,
@@ -586,17 +591,18 @@ class ReceiverSession:
             else:
                 self._abort("the sender ended the session before this receiver completed")
 
-    def _sender_idle(self, now: float) -> None:
-        """The sender has nothing queued: what our partials lack is lost; NAK it soon.
-        Objects we lack entirely it learns from STATUS: one goes now, not at its period."""
+    def _sender_idle(self, now: float, transferring: bool) -> None:
+        """The sender has nothing queued: what our partials lack is lost, and once the
+        transfer runs so is every object we lack entirely (it was swept, or is held back
+        for outliers): NAK them soon, the whole objects as runs (§4.3), not at the next
+        STATUS. (Before the start only the manifest goes: the rest waits for the group.)"""
         partials = self._objs.partials
-        if not partials:
-            # not sooner than half its period: its rates are measured over that window
-            if self._objs.needed and now - self._last_status_at >= self._config.status_interval / 2:
-                self._send_status(now)
-            return
         for p in partials.values():
             p.passed = True
+        if transferring and self._objs.needed:
+            self._whole_due = True
+        elif not partials:
+            return
         # one NAK datagram per receiver covers every object: only a short spread is needed
         at = max(now, self._last_nak + self._nak_gap())
         at += self._rng.uniform(0, self._config.nak_delay / 5)
@@ -825,8 +831,12 @@ class ReceiverSession:
     def _send_naks(self, now: float) -> None:
         cfg = self._config
         due = self._objs.due_naks(now, cfg.nak_idle, self._nak_repeat())
-        if due:
-            for body in nak_bodies(self._meter.max_seq, due, self._capacity(0)):
+        runs = self._whole_runs(now) if self._whole_due else []
+        self._whole_due = False
+        if runs:
+            self._counts["whole_naked"] += sum(e - s for s, e in runs)
+        if due or runs:
+            for body in nak_bodies(self._meter.max_seq, due, self._capacity(0), runs):
                 self._send(PacketType.NAK, body)
                 self._counts["naks_sent"] += 1
             for _obj, p in due:
@@ -834,6 +844,21 @@ class ReceiverSession:
                 p.answered = False
             self._last_nak = now
         self._nak_at = now + self._jitter(self._nak_gap()) if self._objs.partials else None
+
+    def _whole_runs(self, now: float) -> list[tuple[int, int]]:
+        """Objects we lack entirely, at most WHOLE_NAK_MAX, none NAKed again within the
+        repeat time (its repair may be on the way), as (start, end) runs."""
+        repeat = self._nak_repeat()
+        naked = self._whole_naked
+        picked: list[int] = []
+        for start, end in self._objs.needed:
+            for obj in range(start, end):
+                if now - naked.get(obj, -1e9) >= repeat:
+                    naked[obj] = now
+                    picked.append(obj)
+                    if len(picked) >= WHOLE_NAK_MAX:
+                        return list(RangeSet.from_values(picked))
+        return list(RangeSet.from_values(picked))
 
     def _send_status(self, now: float) -> None:
         loss, rx_bps, write_bps = self._meter.report(now, self._objs.dropped_frags)
@@ -859,7 +884,6 @@ class ReceiverSession:
         )
         self._send(PacketType.STATUS, wire.encode_status(status, encoded))
         self._counts["status_sent"] += 1
-        self._last_status_at = now
         if self._auth_pending:
             self._send_auth()
         self._next_status = now + self._jitter(self._config.status_interval)

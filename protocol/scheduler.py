@@ -92,10 +92,11 @@ class Scheduler:
         self.recent_repairs: dict[int, tuple[float, int, int | None]] = {}
         #: object -> when it was last sent, by repair or sweep
         self.last_sent: dict[int, float] = {}
-        self._swept: dict[int, float] = {}
         #: object -> seq of the last datagram of its last sweep
         self._swept_seq: dict[int, int] = {}
         self._ever_sent: set[int] = set()
+        #: the seq of each object's first sweep's last datagram, in order
+        self._first_sweep_ends: list[int] = []
         #: the object whose sweep bursts are queued and not all packed yet
         self._sweeping: int | None = None
         self._cursor = 0
@@ -160,7 +161,7 @@ class Scheduler:
             self.low_bytes = self._object_size(obj) if obj is not None else 0
         if obj is None:
             return False
-        self._swept[obj] = self.last_sent[obj] = now
+        self.last_sent[obj] = now
         self._swept_seq.pop(obj, None)  # set when its last datagram is packed
         self._sweeping = obj  # until then, a NAK for it is early too
         self._queue_object(obj, range(self.fragments(obj)), 0)
@@ -240,13 +241,26 @@ class Scheduler:
             if sent is None:
                 return obj
             if not unseen(sent, need.seen):
-                at = self._swept[obj]
+                at = self.last_sent[obj]  # its last sweep, or a repair of it since
                 if now >= at + holdoff:
                     return obj
                 self.note_wakeup(at + holdoff)
             cursor = obj + 1
         self.note_wakeup(now + POLL_INTERVAL)
         return None
+
+    def passed_objects(self, seen: int) -> int:
+        """How many objects a receiver that has processed up to seq ``seen`` saw us finish
+        sweeping for the first time (their first sweeps end in seq order)."""
+        ends = self._first_sweep_ends
+        lo, hi = 0, len(ends)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if unseen(ends[mid], seen):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def note_wakeup(self, t: float) -> None:
         if self.idle_until is None or t < self.idle_until:
@@ -317,7 +331,9 @@ class Scheduler:
             key = "resweep_datagrams" if obj in self._ever_sent else "data_datagrams"
             if last:
                 self._swept_seq[obj] = end
-                self._ever_sent.add(obj)
+                if obj not in self._ever_sent:
+                    self._ever_sent.add(obj)
+                    self._first_sweep_ends.append(end)
                 if self._sweeping == obj:
                     self._sweeping = None
         self._counts[key] += len(chunk)

@@ -43,6 +43,16 @@ logger = logging.getLogger(__name__)
 #: cheaper than the copies the other receivers' NAKs would ask for (§4.3).
 SOLO_REPAIR_ALONE = 0.75
 
+#: Before its first STATUS, a receiver whose NAKs named more than this share of the objects
+#: it read past is an outlier (§4.3): a port that takes a fraction of our rate; judged once
+#: it read past NAK_JUDGE_OBJECTS objects.
+NAK_OUTLIER_SHARE = 0.5
+NAK_JUDGE_OBJECTS = 8
+
+#: Most objects one NAK's runs (objects lacked entirely) have repaired; the rest wait for
+#: the sweep (§4.3).
+RUN_REPAIRS = 64
+
 #: When the send queue runs dry, the next ANNOUNCE goes this soon, flagged IDLE (§3.1).
 IDLE_ANNOUNCE = 0.002
 
@@ -392,14 +402,27 @@ class SenderSession:
             losses = sorted(m.loss for m in reports)
             losses[:0] = [0.0] * (len(receiving) - len(losses))
             self._group_loss = losses[int(cfg.rate_quantile * (len(losses) - 1))]
-            for m in self._members.values():
-                self._judge(m)
+            self._judge()
 
-    def _judge(self, m: Member) -> None:
-        """Flag a receiver losing far more than the group (a slow port, a busy CPU) (§4.3)."""
-        active = sum(1 for x in self._members.values() if x.active)
+    def _judge(self) -> None:
+        """Flag the receivers losing far more than the group (a slow port, a busy CPU) (§4.3).
+
+        By the STATUS loss once there is one. Before it, by the share of the objects it
+        read past that its NAKs named: a port that takes a tenth of our rate lacks part of
+        every object, while bursty loss (a lost GSO train, 44 datagrams) touches a few. (The
+        share of fragments its NAKs lack cannot tell them apart: a lost train is most of a
+        small object.) A group is not an outlier from itself: when every active receiver
+        would be one, none is (all of them being slow is the group's rate, §5).
+        """
         bound = max(self._config.loss_threshold, 2 * self._group_loss)
-        m.outlier = active > 1 and max(m.loss, m.nak_loss) > bound
+        active = [m for m in self._members.values() if m.active]
+        flags = [
+            m.loss > bound if m.last_status_time >= 0 else m.nak_share > NAK_OUTLIER_SHARE
+            for m in active
+        ]
+        alone = len(active) < 2 or all(flags)
+        for m, flag in zip(active, flags, strict=True):
+            m.outlier = flag and not alone
 
     def _evict(self, m: Member, now: float, reason: str) -> None:
         m.state = MemberState.EVICTED
@@ -512,13 +535,28 @@ class SenderSession:
         m.naks += 1
         self._counts["naks_received"] += 1
         self._note_nak_loss(m, msg.entries)
+        if m.last_status_time < 0:  # before its first STATUS, by what its NAKs name
+            passed = self._sched.passed_objects(msg.seen)
+            if passed >= NAK_JUDGE_OBJECTS:
+                named = {obj for obj, run, _ in msg.entries if not run} | m.object_naks.keys()
+                m.nak_share = len(named) / passed
+                self._judge()  # before its repairs are queued: an outlier's wait (§4.3)
         for start, end in msg.auth:
             self._on_auth_request(m, start, end)
+        # before the start only manifest chunks go: the blocks wait for the group
+        budget = RUN_REPAIRS if self._state is SenderState.TRANSFERRING else 0
         for obj, run, mask in msg.entries:
             if run:
+                # Lacked entirely after we went idle: lost. Repair them like fragments
+                # (the seen check drops what is still on its way), the first few at least.
                 wanted = RangeSet([(obj, obj + run)]).intersection(self._objects)
                 for s, e in wanted:
                     m.missing.add(s, e)
+                    for o in range(s, min(e, s + budget)):
+                        whole = (1 << self._sched.fragments(o)) - 1
+                        low = m.outlier and o < MANIFEST_BASE
+                        self._sched.add_repair(o, whole, now, low=low, seen=msg.seen, who=m)
+                    budget -= min(e - s, budget)
                 continue
             count, last = m.object_naks.get(obj, (0, -1.0))
             if self._sched.last_sent.get(obj, -1.0) > last:
@@ -554,7 +592,6 @@ class SenderSession:
                 total += self._sched.fragments(obj)
         if total >= 16:
             m.nak_loss = 0.5 * m.nak_loss + 0.5 * lacked / total if m.naks > 1 else lacked / total
-            self._judge(m)
 
     def _check_nak_entry(self, obj: int, run: int, mask: int) -> None:
         if run:

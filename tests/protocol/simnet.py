@@ -40,6 +40,9 @@ class Link:
     """What happens to each datagram on one direction of one path."""
 
     drop: float = 0.0
+    #: chance that a whole Transmit (a GSO train) is lost at once, as the lab's nftables
+    #: rule drops a GSO skb before it is cut into datagrams
+    train_drop: float = 0.0
     dup: float = 0.0
     reorder: float = 0.0  #: chance of an extra delay of up to 5 ms
     corrupt: float = 0.0
@@ -250,6 +253,8 @@ class SimNet:
             if not r.alive:
                 continue
             link = self.links_down.get(r.name, self.down)
+            if link.train_drop and self.rng.random() < link.train_drop:
+                continue
             if link.capacity_bps is not None or len(datagrams) == 1:
                 for d in datagrams:
                     self._deliver(link, d, lambda d, r=r: self._to_receiver(r, d), r.name)  # type: ignore[misc]

@@ -9,7 +9,8 @@ from simnet import KEY, make_image
 
 from protocol.config import EngineConfig
 from protocol.manifest import BlockKind
-from protocol.scheduler import Scheduler
+from protocol.rangeset import RangeSet
+from protocol.scheduler import Need, Scheduler
 
 
 def _swept_once() -> tuple[Scheduler, Counter[str], int]:
@@ -35,7 +36,7 @@ def _swept_once() -> tuple[Scheduler, Counter[str], int]:
     first = min(image.stored)
     assert first == 0
     sched._queue_object(first, range(sched.fragments(first)), 0)
-    sched._swept[first] = 0.0
+    sched.last_sent[first] = 0.0
     while sched.pending:
         sched.pop_transmit()
     return sched, counts, numbered[0] - 1
@@ -66,3 +67,17 @@ def test_a_nak_for_the_object_being_swept_right_now_is_ignored() -> None:
     while sched.pending:
         sched.pop_transmit()
     assert sched._sweeping is None
+
+
+def test_an_object_repaired_just_now_is_not_swept_again_within_the_holdoff() -> None:
+    # A whole-object repair (a NAK run, §4.3) may still be on its way when a STATUS that
+    # crossed it reports the object missing: no second copy to the group on its heels.
+    sched, _counts, last = _swept_once()
+    need = Need(RangeSet([(0, 1)]), seen=last)
+    holdoff = sched._config.sweep_holdoff
+    sched.add_repair(0, (1 << sched.fragments(0)) - 1, now=5.0, low=False, seen=last)
+    assert sched.fill(5.0, True, [need])  # the repair
+    while sched.pending:
+        sched.pop_transmit()
+    assert not sched.fill(5.0 + holdoff / 2, True, [need])
+    assert sched.fill(5.0 + holdoff, True, [need])  # then the sweep may serve it again
