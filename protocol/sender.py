@@ -139,6 +139,8 @@ class SenderSession:
         self._group_loss = 0.0
         self._blocked = False
         self._idle = False  # the last look found nothing to send, and nothing changed since
+        #: ... but outliers' work may be waiting for their pacer: then we are not idle (§3.1)
+        self._low_held = False
         self._data_since_announce = False
         self._pacer = Pacer(config, now)
         #: what only outliers need goes at their pace, not the group's (§4.3)
@@ -701,7 +703,11 @@ class SenderSession:
                 state=_ANNOUNCE_STATE[self._state],
                 flags=(wire.ANNOUNCE_ABORTED if self._outcome == "aborted" else 0)
                 | (wire.ANNOUNCE_TAGGED_DATA if self._config.tag_data else 0)
-                | (wire.ANNOUNCE_IDLE if self._idle and not self._sched.pending else 0),
+                | (
+                    wire.ANNOUNCE_IDLE
+                    if self._idle and not self._low_held and not self._sched.pending
+                    else 0
+                ),
                 rate_bps=rate,
                 data_bytes=m.stored_bytes,
             )
@@ -739,6 +745,7 @@ class SenderSession:
             if not sched.pending and not sched.fill(now, sweeping, needs, low_ok):
                 if not low_ok:
                     sched.note_wakeup(self._low_pacer.ready_at(now))
+                self._low_held = not low_ok
                 self._idle = True
                 if out or self._data_since_announce:
                     # Out of work: an ANNOUNCE soon carries a later seq, so a receiver that

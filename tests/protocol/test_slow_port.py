@@ -13,7 +13,7 @@ import statistics
 from functools import cache
 
 import pytest
-from simnet import Image, Link, SimNet, SimReceiver, make_image
+from simnet import KEY, Image, Link, SimNet, SimReceiver, make_image
 
 from protocol import wire
 from protocol.config import FRAGMENT_OVERHEAD, EngineConfig
@@ -106,6 +106,34 @@ def test_the_others_read_few_of_the_slow_ones_repairs_while_they_finish(seed: in
     for r in others:
         assert r.session.stats["duplicates"] <= 0.1 * r.session.stats["fragments"]
     assert slow.finished_at is not None and slow.finished_at <= 1.1 * _port_time(net)
+
+
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_no_idle_announce_while_the_slow_ones_work_waits_for_its_pacer(seed: int) -> None:
+    """IDLE says nothing is held back (§3.1): the slow one would take what it lacks for
+    lost, and NAK as whole objects what is merely waiting for its pace."""
+    image = _image(seed)
+    net = SimNet(seed, image, _config(image), min_receivers=4)
+    fast = Link(capacity_bps=FAST_BPS, buffer_bytes=1 << 20)
+    rs = [net.add_receiver(f"f{i}", link=fast) for i in range(3)]
+    slow = net.add_receiver("slow", link=Link(capacity_bps=SLOW_BPS, buffer_bytes=640 << 10))
+    idle_while_held: list[float] = []
+    send = net._from_sender
+
+    def spy(t: wire.Transmit) -> None:
+        if t.data[3] == wire.PacketType.ANNOUNCE:
+            _, body = wire.open_datagram(KEY, t.data)
+            idle = wire.decode_announce(body).flags & wire.ANNOUNCE_IDLE
+            members = net.sender._members.values()
+            if idle and any(m.active and m.outlier and m.missing for m in members):
+                idle_while_held.append(net.now)
+        send(t)
+
+    net._from_sender = spy  # type: ignore[method-assign]
+    net.run(limit=60)
+    assert idle_while_held == []
+    for r in (*rs, slow):
+        assert net.outcome(r) == "completed"
 
 
 def test_once_alone_the_rate_follows_its_port_and_loss_at_the_port_stays_low() -> None:
