@@ -592,10 +592,10 @@ class ReceiverSession:
                 self._abort("the sender ended the session before this receiver completed")
 
     def _sender_idle(self, now: float, transferring: bool) -> None:
-        """The sender has nothing queued: what our partials lack is lost, and once the
-        transfer runs so is every object we lack entirely (it was swept, or is held back
-        for outliers): NAK them soon, the whole objects as runs (§4.3), not at the next
-        STATUS. (Before the start only the manifest goes: the rest waits for the group.)"""
+        """The sender has nothing queued or held back: what our partials lack is lost, and
+        once the transfer runs so is every object we lack entirely (it was swept): NAK them
+        soon, the whole objects as runs (§4.3), not at the next STATUS. (Before the start
+        only the manifest goes: the rest waits for the group.)"""
         partials = self._objs.partials
         for p in partials.values():
             p.passed = True
