@@ -44,6 +44,10 @@ def wordy_disk(path: Path, size: int, seed: int = 0) -> Path:
     return path
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def files_under(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
@@ -158,6 +162,8 @@ def test_ctrl_c_mid_capture_removes_what_it_added(tmp_path: Path) -> None:
         [sys.executable, "-m", "fleetcast", "image", "capture", str(src), "--name", "x",
          "--level", "19"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        # as from a terminal: a shell's background job (a CI step) inherits SIGINT ignored
+        preexec_fn=_sigint_default,
     )  # fmt: skip
     blocks = data / "images" / "blocks"
     try:
