@@ -15,17 +15,20 @@ from protocol import wire
 from protocol.config import EngineConfig
 
 
-def _watch_outliers(net: SimNet, every: float = 0.002) -> set[int]:
-    """Every receiver id the sender flags as an outlier at some moment of the run."""
-    flagged: set[int] = set()
+def _watch_outliers(net: SimNet, every: float = 0.002) -> dict[int, float]:
+    """Every receiver id the sender flags as an outlier at some moment of the run, and
+    when it first did."""
+    first: dict[int, float] = {}
 
     def look() -> None:
-        flagged.update(m.receiver_id for m in net.sender._members.values() if m.outlier)
+        for m in net.sender._members.values():
+            if m.outlier:
+                first.setdefault(m.receiver_id, net.now)
         if not net.sender.finished:
             net.at(net.now + every, look)
 
     net.at(0.0, look)
-    return flagged
+    return first
 
 
 def test_trains_lost_at_every_receiver_make_none_of_them_an_outlier() -> None:
@@ -40,7 +43,7 @@ def test_trains_lost_at_every_receiver_make_none_of_them_an_outlier() -> None:
         assert net.outcome(r) == "completed"
         net.check_disk(r)
         assert r.session.stats["naks_sent"] > 0  # each lost trains and asked for them
-    assert flagged == set()
+    assert flagged == {}
 
 
 def test_a_receiver_whose_naks_name_most_objects_is_an_outlier_before_its_first_status() -> None:
@@ -49,18 +52,9 @@ def test_a_receiver_whose_naks_name_most_objects_is_an_outlier_before_its_first_
     fast = [net.add_receiver(f"f{i}") for i in range(2)]
     slow = net.add_receiver("slow", link=Link(drop=0.3))  # part of every object lost
     flagged = _watch_outliers(net)
-    first_flag: list[float] = []
-
-    def look() -> None:
-        if not first_flag and slow.session.receiver_id in flagged:
-            first_flag.append(net.now)
-        if not net.sender.finished:
-            net.at(net.now + 0.002, look)
-
-    net.at(0.0, look)
     net.run()
-    assert flagged == {slow.session.receiver_id}
-    assert first_flag and first_flag[0] < net.config.status_interval  # before any STATUS
+    assert set(flagged) == {slow.session.receiver_id}
+    assert flagged[slow.session.receiver_id] < net.config.status_interval  # before any STATUS
     for r in (*fast, slow):
         assert net.outcome(r) == "completed"
 

@@ -48,28 +48,28 @@ def test_a_fragment_only_one_receiver_lost_goes_to_it_alone() -> None:
     assert 0.01 < lossy.session.stats["loss_total"] < 0.06
 
 
-def test_fragments_several_receivers_lost_go_to_the_group_once() -> None:
+def _lossy_group(seed: int, receivers: int, drop: float) -> SimNet:
+    """``receivers`` receivers, each losing ``drop`` of the datagrams, all run to the end
+    and completed with the image on disk."""
     config = EngineConfig(auto_rate=False, rate_bps=20_000_000)
-    net = SimNet(2, make_image(random.Random(2), blocks=24), config, min_receivers=4)
-    rs = [net.add_receiver(f"r{i}", link=Link(drop=0.05)) for i in range(4)]
+    net = SimNet(seed, make_image(random.Random(seed), blocks=24), config, min_receivers=receivers)
+    rs = [net.add_receiver(f"r{i}", link=Link(drop=drop)) for i in range(receivers)]
     net.run()
     for r in rs:
         assert net.outcome(r) == "completed"
         net.check_disk(r)
-    sent = net.sender.stats
+    return net
+
+
+def test_fragments_several_receivers_lost_go_to_the_group_once() -> None:
+    sent = _lossy_group(2, receivers=4, drop=0.05).sender.stats
     group = sent["repair_datagrams"] - sent["unicast_repair_datagrams"]
     assert group > 0 and sent["unicast_repair_datagrams"] > 0
 
 
 def test_many_receivers_losing_alike_get_repairs_by_multicast() -> None:
     # 16 receivers at 8% loss: a fragment one lacks is lacked by another 74% of the time
-    config = EngineConfig(auto_rate=False, rate_bps=20_000_000)
-    net = SimNet(4, make_image(random.Random(4), blocks=24), config, min_receivers=16)
-    rs = [net.add_receiver(f"r{i}", link=Link(drop=0.08)) for i in range(16)]
-    net.run()
-    for r in rs:
-        assert net.outcome(r) == "completed"
-    sent = net.sender.stats
+    sent = _lossy_group(4, receivers=16, drop=0.08).sender.stats
     assert sent.get("unicast_repair_datagrams", 0) < sent["repair_datagrams"] / 4
 
 
