@@ -536,8 +536,8 @@ class SenderSession:
             self._check_nak_entry(start, end - start, 0)
         m.naks += 1
         self._counts["naks_received"] += 1
-        self._note_nak_loss(m, msg.entries)
-        if m.last_status_time < 0:  # before its first STATUS, by what its NAKs name
+        if m.last_status_time < 0:  # before its first STATUS, judged by what its NAKs name
+            self._note_nak_loss(m, msg.entries)
             passed = self._sched.passed_objects(msg.seen)
             if passed >= NAK_JUDGE_OBJECTS:
                 named = {obj for obj, run, _ in msg.entries if not run} | m.object_naks.keys()
