@@ -65,8 +65,12 @@ class Member:
     object_naks: dict[int, tuple[int, float]] = field(default_factory=dict)
     #: losing far more than the group: its repairs wait until the sweep is idle (§4.3)
     outlier: bool = False
-    #: share of the fragments of the objects in its NAKs that it lacked (smoothed)
-    nak_loss: float = 0.0
+    #: fragments its NAKs named the first time they named their object, and the fragments
+    #: of the objects it read past since it joined (and how many it had passed then): its
+    #: datagram loss, before any STATUS and smoother than one STATUS window (§4.3)
+    nak_lacked: int = 0
+    passed_frags: int = 0
+    passed_at_join: int = 0
     #: share of the objects it read past that its NAKs named (before its first STATUS)
     nak_share: float = 0.0
     last_status_seq: int = -1
@@ -89,6 +93,11 @@ class Member:
     @property
     def active(self) -> bool:
         return self.state is MemberState.ACTIVE
+
+    @property
+    def nak_loss(self) -> float:
+        """The share of the datagrams it read past that its NAKs said it lacked."""
+        return self.nak_lacked / self.passed_frags if self.passed_frags else 0.0
 
     def summary(self) -> dict[str, object]:
         """Per-receiver figures for the session's stats and summary."""

@@ -95,8 +95,10 @@ class Scheduler:
         #: object -> seq of the last datagram of its last sweep
         self._swept_seq: dict[int, int] = {}
         self._ever_sent: set[int] = set()
-        #: the seq of each object's first sweep's last datagram, in order
+        #: the seq of each object's first sweep's last datagram, in order, and the fragments
+        #: of every object swept up to and including it
         self._first_sweep_ends: list[int] = []
+        self._first_sweep_frags: list[int] = []
         #: the object whose sweep bursts are queued and not all packed yet
         self._sweeping: int | None = None
         self._cursor = 0
@@ -249,9 +251,9 @@ class Scheduler:
         self.note_wakeup(now + POLL_INTERVAL)
         return None
 
-    def passed_objects(self, seen: int) -> int:
-        """How many objects a receiver that has processed up to seq ``seen`` saw us finish
-        sweeping for the first time (their first sweeps end in seq order)."""
+    def passed(self, seen: int) -> tuple[int, int]:
+        """How many objects, and fragments in them, a receiver that has processed up to seq
+        ``seen`` saw us finish sweeping for the first time (first sweeps end in seq order)."""
         ends = self._first_sweep_ends
         lo, hi = 0, len(ends)
         while lo < hi:
@@ -260,7 +262,7 @@ class Scheduler:
                 hi = mid
             else:
                 lo = mid + 1
-        return lo
+        return lo, self._first_sweep_frags[lo - 1] if lo else 0
 
     def note_wakeup(self, t: float) -> None:
         if self.idle_until is None or t < self.idle_until:
@@ -334,6 +336,8 @@ class Scheduler:
                 if obj not in self._ever_sent:
                     self._ever_sent.add(obj)
                     self._first_sweep_ends.append(end)
+                    total = self._first_sweep_frags[-1] if self._first_sweep_frags else 0
+                    self._first_sweep_frags.append(total + self.fragments(obj))
                 if self._sweeping == obj:
                     self._sweeping = None
         self._counts[key] += len(chunk)

@@ -374,13 +374,10 @@ class SenderSession:
     def _solo_repairs_pay(self) -> bool:
         """Repair a fragment only one receiver asked for to it alone (§4.3) while the
         group's loss makes it unlikely that another one lacks it too."""
-        # STATUS says the loss of datagrams; before one, the NAKs' share of what they cover
-        # (too high where losses come in bursts: a lost GSO train is 44 of an object's ~250)
-        losses = sorted(
-            m.loss if m.last_status_time >= 0 else m.nak_loss
-            for m in self._members.values()
-            if m.active
-        )
+        # The loss its NAKs tell, over all it read: one STATUS window's figure swings with
+        # bursts (a lost GSO train is 44 of an object's ~250 datagrams: 0% one window, 10%
+        # the next), and each swing above the bound sent a spell of repairs to everyone.
+        losses = sorted(m.nak_loss for m in self._members.values() if m.active)
         if len(losses) < 2:
             return False
         p = losses[len(losses) // 2]
@@ -509,6 +506,7 @@ class SenderSession:
             seen=(self._seq - 1) & 0xFFFFFFFF,  # it cannot have read anything sent later
         )
         m.blocks_done = m.blocks_total - len(missing.intersection(self._data))
+        m.passed_at_join = self._sched.passed(m.seen)[1]
         self._members[hdr.source] = m
         self._sched.solo_repairs = self._solo_repairs_pay()  # then every poll
         self._counts["joins"] += 1
@@ -536,13 +534,18 @@ class SenderSession:
             self._check_nak_entry(start, end - start, 0)
         m.naks += 1
         self._counts["naks_received"] += 1
-        if m.last_status_time < 0:  # before its first STATUS, judged by what its NAKs name
-            self._note_nak_loss(m, msg.entries)
-            passed = self._sched.passed_objects(msg.seen)
-            if passed >= NAK_JUDGE_OBJECTS:
-                named = {obj for obj, run, _ in msg.entries if not run} | m.object_naks.keys()
-                m.nak_share = len(named) / passed
-                self._judge()  # before its repairs are queued: an outlier's wait (§4.3)
+        passed, frags = self._sched.passed(msg.seen)
+        m.passed_frags = max(m.passed_frags, frags - m.passed_at_join)
+        m.nak_lacked += sum(
+            mask.bit_count()
+            for obj, run, mask in msg.entries
+            if not run and obj not in m.object_naks
+        )
+        # before its first STATUS, judged by what its NAKs name
+        if m.last_status_time < 0 and passed >= NAK_JUDGE_OBJECTS:
+            named = {obj for obj, run, _ in msg.entries if not run} | m.object_naks.keys()
+            m.nak_share = len(named) / passed
+            self._judge()  # before its repairs are queued: an outlier's wait (§4.3)
         for start, end in msg.auth:
             self._on_auth_request(m, start, end)
         # before the start only manifest chunks go: the blocks wait for the group
@@ -585,16 +588,6 @@ class SenderSession:
                     self._sched.tagged.add(obj)
                     self._counts["objects_tagged"] += 1
 
-    def _note_nak_loss(self, m: Member, entries: list[tuple[int, int, int]]) -> None:
-        """A NAK tells how much of what it covers was lost: a loss figure before any STATUS."""
-        lacked = total = 0
-        for obj, run, mask in entries:
-            if not run:
-                lacked += mask.bit_count()
-                total += self._sched.fragments(obj)
-        if total >= 16:
-            m.nak_loss = 0.5 * m.nak_loss + 0.5 * lacked / total if m.naks > 1 else lacked / total
-
     def _check_nak_entry(self, obj: int, run: int, mask: int) -> None:
         if run:
             if obj + run > 1 << 32:
@@ -619,6 +612,7 @@ class SenderSession:
         last_sent = (self._seq - 1) & 0xFFFFFFFF
         if unseen(msg.seen, m.seen) and not unseen(msg.seen, last_sent):
             m.seen = msg.seen  # how far into our stream it has read (§4.2)
+            m.passed_frags = max(m.passed_frags, self._sched.passed(m.seen)[1] - m.passed_at_join)
         m.lag = self._send_log.lag(m.seen, self._seq, now)
         m.loss = msg.loss
         m.blocks_done = min(msg.blocks_done, m.blocks_total)
