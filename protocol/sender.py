@@ -534,8 +534,7 @@ class SenderSession:
             self._check_nak_entry(start, end - start, 0)
         m.naks += 1
         self._counts["naks_received"] += 1
-        passed, frags = self._sched.passed(msg.seen)
-        m.passed_frags = max(m.passed_frags, frags - m.passed_at_join)
+        passed = self._note_read(m, msg.seen)
         m.nak_lacked += sum(
             mask.bit_count()
             for obj, run, mask in msg.entries
@@ -588,6 +587,13 @@ class SenderSession:
                     self._sched.tagged.add(obj)
                     self._counts["objects_tagged"] += 1
 
+    def _note_read(self, m: Member, seen: int) -> int:
+        """It has read up to seq ``seen``: note the fragments it read past since it joined
+        (its loss figure's denominator, §4.3); return the objects it read past."""
+        passed, frags = self._sched.passed(seen)
+        m.passed_frags = max(m.passed_frags, frags - m.passed_at_join)
+        return passed
+
     def _check_nak_entry(self, obj: int, run: int, mask: int) -> None:
         if run:
             if obj + run > 1 << 32:
@@ -612,7 +618,7 @@ class SenderSession:
         last_sent = (self._seq - 1) & 0xFFFFFFFF
         if unseen(msg.seen, m.seen) and not unseen(msg.seen, last_sent):
             m.seen = msg.seen  # how far into our stream it has read (§4.2)
-            m.passed_frags = max(m.passed_frags, self._sched.passed(m.seen)[1] - m.passed_at_join)
+            self._note_read(m, m.seen)
         m.lag = self._send_log.lag(m.seen, self._seq, now)
         m.loss = msg.loss
         m.blocks_done = min(msg.blocks_done, m.blocks_total)
