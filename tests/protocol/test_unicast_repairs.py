@@ -48,12 +48,21 @@ def test_a_fragment_only_one_receiver_lost_goes_to_it_alone() -> None:
     assert 0.01 < lossy.session.stats["loss_total"] < 0.06
 
 
-def _lossy_group(seed: int, receivers: int, drop: float) -> SimNet:
-    """``receivers`` receivers, each losing ``drop`` of the datagrams, all run to the end
-    and completed with the image on disk."""
-    config = EngineConfig(auto_rate=False, rate_bps=20_000_000)
-    net = SimNet(seed, make_image(random.Random(seed), blocks=24), config, min_receivers=receivers)
-    rs = [net.add_receiver(f"r{i}", link=Link(drop=drop)) for i in range(receivers)]
+def _lossy_group(
+    seed: int,
+    receivers: int,
+    drop: float = 0.0,
+    train_drop: float = 0.0,
+    blocks: int = 24,
+    config: EngineConfig | None = None,
+) -> SimNet:
+    """``receivers`` receivers, each losing ``drop`` of the datagrams (``train_drop`` of
+    the GSO trains), all run to the end and completed with the image on disk."""
+    config = config or EngineConfig(auto_rate=False, rate_bps=20_000_000)
+    image = make_image(random.Random(seed), blocks=blocks)
+    net = SimNet(seed, image, config, min_receivers=receivers)
+    link = Link(drop=drop, train_drop=train_drop)
+    rs = [net.add_receiver(f"r{i}", link=link) for i in range(receivers)]
     net.run()
     for r in rs:
         assert net.outcome(r) == "completed"
@@ -88,11 +97,5 @@ def test_bursty_loss_at_every_receiver_costs_the_others_no_copies() -> None:
     # took one STATUS window's loss, which swings with bursts (0% one window, 10% the next),
     # and each swing sent a spell of repairs to all eight: up to 2459 duplicates.
     for seed in (2, 3):
-        image = make_image(random.Random(seed), blocks=240)
-        net = SimNet(seed, image, EngineConfig(), min_receivers=8)
-        rs = [net.add_receiver(f"r{i}", link=Link(train_drop=0.02)) for i in range(8)]
-        net.run()
-        for r in rs:
-            assert net.outcome(r) == "completed"
-            net.check_disk(r)
-        assert sum(r.session.stats["duplicates"] for r in rs) <= 50, seed
+        net = _lossy_group(seed, 8, train_drop=0.02, blocks=240, config=EngineConfig())
+        assert sum(r.session.stats["duplicates"] for r in net.receivers.values()) <= 50, seed
