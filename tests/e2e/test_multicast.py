@@ -152,14 +152,22 @@ def test_eight_receivers_with_loss_a_late_joiner_and_a_killed_one(
     assert "8 completed, 1 evicted" in log
     assert f"({victim.address}) evicted" in log
     assert time.monotonic() - started < 90
-    counters = fleet.lab.nft_counters(nodes[1])  # the 2% loss really dropped datagrams
-    assert re.search(r"counter packets [1-9]", counters), counters
-    # ... and the receiver measured it: --stats-json carries its loss since it joined (not
-    # pinned near 2 %: the sender's UDP GSO batches cross the veths whole, so the rule drops
-    # a few dozen datagrams at a time; tests/e2e/test_server_loss.py splits them and pins it)
-    session = fleet.stats(nodes[1])["session"]
-    assert 0.0 < session["loss_total"] < 0.2, session
-    assert session["lost_datagrams"] > 0 and 0.0 <= session["loss"] <= 1.0
+    # the 2% loss really dropped datagrams (somewhere: see the group check below)
+    counters = [fleet.lab.nft_counters(n) for n in nodes[1:]]
+    dropped = [int(m.group(1)) for c in counters for m in re.finditer(r"counter packets (\d+)", c)]
+    assert len(dropped) == len(counters) and sum(dropped) > 0, counters
+    # ... and the receivers measured it: --stats-json carries each one's loss since it joined
+    # (not pinned near 2 %: the sender's UDP GSO batches cross the veths whole, so the rule
+    # drops a few dozen datagrams at a time; tests/e2e/test_server_loss.py splits them and
+    # pins it). Over the whole group: this image is ~107 trains, so one receiver loses none
+    # of its trains ~11% of the time (seen in CI: loss_total 0.0 on r1, and a run where r1's
+    # rule dropped nothing).
+    sessions = [fleet.stats(n)["session"] for n in nodes[1:]]
+    for session in sessions:
+        assert 0.0 <= session["loss_total"] < 0.2, session
+        assert 0.0 <= session["loss"] <= 1.0, session
+    assert sum(s["lost_datagrams"] for s in sessions) > 0, sessions
+    assert sum(s["loss_total"] > 0.0 for s in sessions) >= len(sessions) // 2, sessions
 
 
 TWO_SESSIONS = """
